@@ -1,0 +1,8 @@
+"""mdplug: multi-layer dynamic (MDConv) and asymmetric (MAConv) convolutions for existing PyTorch models.
+
+Reference implementation of Luo & Zhan, "Multi-layer dynamic and asymmetric convolutions" (2022).
+"""
+__version__ = '0.1.0'
+
+from . import fusion, nn  # noqa: F401
+from .nn import DCDConv2d, DYConv2d, LAYERS, MAConv2d, MDConv2d, SEConv2d  # noqa: F401

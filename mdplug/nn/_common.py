@@ -1,0 +1,193 @@
+"""Pieces shared by the layers: conv hyper-parameters, the attention network, the per-sample conv."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_size_2 = Union[int, Tuple[int, int]]
+GATES = ('sigmoid', 'softmax', 'none')
+PATHS = ('auto', 'weight', 'factorized')
+NORMS = ('branch', 'sum', 'none')
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f'expected an int or a pair, got {v!r}')
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _check_choice(layer: str, option: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f'{layer}: unknown {option}={value!r}; expected one of {", ".join(map(repr, choices))}')
+
+
+def _copy_param(dst: Tensor, src: Tensor) -> None:
+    with torch.no_grad():
+        dst.copy_(src.detach().to(dtype=dst.dtype, device=dst.device))
+
+
+class ConvBase(nn.Module):
+    """Holds the ``nn.Conv2d`` hyper-parameters every mdplug layer shares and the deploy protocol.
+
+    The deploy protocol is the one ``timm.utils.reparameterize_model`` and mmpretrain's converters call:
+    ``fuse()`` returns the compact module, ``switch_to_deploy()`` / ``reparameterize()`` convert in place.
+    """
+
+    supports_groups = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
+                 padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = 'zeros') -> None:
+        super().__init__()
+        name = type(self).__name__
+        if padding_mode != 'zeros':
+            raise ValueError(f"{name}: padding_mode={padding_mode!r} is not supported, only 'zeros'")
+        if groups != 1 and not self.supports_groups:
+            raise ValueError(f'{name}: groups={groups} is not supported (the multi-layer branch needs a dense '
+                             f'W1 and W2); convert only convs with groups=1')
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'{name}: in_channels={in_channels} and out_channels={out_channels} must be '
+                             f'divisible by groups={groups}')
+        if isinstance(padding, str):
+            if padding not in ('same', 'valid'):
+                raise ValueError(f"{name}: padding={padding!r}; expected an int, a pair, 'same' or 'valid'")
+            if padding == 'same' and _pair(stride) != (1, 1):
+                raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.deploy = False
+
+    # -- conv helpers -------------------------------------------------------------------------------------------
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int = 1) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
+        if self.padding == 'same':
+            return h, w
+        pad = (0, 0) if self.padding == 'valid' else self.padding
+        out = []
+        for size, k, s, p, d in zip((h, w), self.kernel_size, self.stride, pad, self.dilation):
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return out[0], out[1]
+
+    def _is_pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and (self.padding in ('valid', 'same') or self.padding == (0, 0))
+
+    def per_sample_conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Convolve each sample with its own kernel in one batched call (the compact form's execution).
+
+        ``x``: (B, p, H, W); ``weight``: (B, q, p/g, kh, kw); ``bias``: (B, q) or None.  1×1 kernels run as one
+        ``bmm`` (strides by slicing); other kernels as one grouped conv over the batch.  The batch size is read
+        from ``x`` at every call, never stored.
+        """
+        b, q = weight.shape[0], weight.shape[1]
+        if self._is_pointwise() and self.groups == 1:
+            sh, sw = self.stride
+            if sh > 1 or sw > 1:
+                x = x[:, :, ::sh, ::sw]
+            h, w = x.shape[-2:]
+            flat = x.reshape(b, x.shape[1], h * w)
+            w2d = weight.reshape(b, q, -1)
+            y = torch.bmm(w2d, flat) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w2d, flat)
+            return y.reshape(b, q, h, w)
+        groups = self.groups
+        y = F.conv2d(x.reshape(1, -1, x.shape[-2], x.shape[-1]), weight.reshape((-1,) + tuple(weight.shape[2:])),
+                     None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,
+                     groups * b)
+        return y.reshape(b, q, y.shape[-2], y.shape[-1])
+
+    # -- deploy protocol ----------------------------------------------------------------------------------------
+    def switch_to_deploy(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def reparameterize(self) -> None:
+        """Same as :meth:`switch_to_deploy` (timm's name for it)."""
+        self.switch_to_deploy()
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """Return the compact form as a new module (this one is left as it is)."""
+        new = copy.deepcopy(self)
+        new.switch_to_deploy()
+        return new
+
+    @classmethod
+    def _ctor_kwargs_from_conv(cls, conv: nn.Conv2d) -> dict:
+        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def extra_repr(self) -> str:
+        s = f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}'
+        if self.padding != (0, 0):
+            s += f', padding={self.padding}'
+        if self.dilation != (1, 1):
+            s += f', dilation={self.dilation}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        return s + (', deploy=True' if self.deploy else '')
+
+
+class Attention(nn.Module):
+    """The attention network F of Eq. 2: GAP → Linear(p, h) → ReLU → Linear(h, n) → gate.
+
+    ``h = max(1, round(p · hidden_ratio))`` (the paper: 1/4 of the input channels; Table 12 varies it).
+    ``gate``: ``'sigmoid'`` (Eq. 2), ``'softmax'`` over the n outputs (Table 13, DYConv), or ``'none'`` (DCD);
+    the logits are divided by ``temperature`` first.  Input (B, p, H, W), output (B, n).
+    """
+
+    def __init__(self, in_channels: int, out_features: int, hidden_ratio: float = 0.25, gate: str = 'sigmoid',
+                 temperature: float = 1.0, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_choice('Attention', 'gate', gate, GATES)
+        if not hidden_ratio > 0:
+            raise ValueError(f'Attention: hidden_ratio must be > 0, got {hidden_ratio}')
+        if not temperature > 0:
+            raise ValueError(f'Attention: temperature must be > 0, got {temperature}')
+        hidden = max(1, int(round(in_channels * hidden_ratio)))
+        self.fc1 = nn.Linear(in_channels, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, out_features, device=device, dtype=dtype)
+        self.gate = gate
+        self.temperature = float(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        if self.gate == 'sigmoid':
+            return torch.sigmoid(z)
+        if self.gate == 'softmax':
+            return torch.softmax(z, dim=1)
+        return z
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f'gate={self.gate!r}, temperature={self.temperature}'
+
+
+def kaiming_conv_init_(weight: Tensor) -> None:
+    """``nn.Conv2d``'s default weight initialisation, for a kernel that is not held by an ``nn.Conv2d``."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def conv_bias_init_(bias: Tensor, fan_in: int) -> None:
+    """``nn.Conv2d``'s default bias initialisation."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    nn.init.uniform_(bias, -bound, bound)

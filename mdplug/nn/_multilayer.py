@@ -1,0 +1,256 @@
+"""The two-branch structure MAConv, MDConv and DCD share (paper, Fig. 1 and Eq. 3/8).
+
+Expanding form (training)::
+
+    y = BN2(W2 · mix(BN1(W1 ⊛ x))) + BN0(W0 ⊛ x)
+
+where ``mix`` is the identity (MAConv), a ReLU (Table 8's "ReLU" row), a diagonal attention A(x) (MDConv) or a
+full dynamic matrix Φ(x) (DCD).  W0 and W1 read the same input with the same kernel geometry, so they are held as
+one conv ``expand`` with q + m output channels (W0 first) and one BatchNorm over those channels; a BN normalises
+each channel on its own, so this is the same function as two convs with two BNs, computed in one call.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import fusion
+from ._common import NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_
+
+
+class MultiLayerConv(ConvBase):
+    """Base of the multi-layer convs.  Subclasses define ``_mix`` (expanding) and the compact forward."""
+
+    has_dynamic_mix = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, m: int = 20,
+                 bypass: bool = True, norm: str = 'branch', path: str = 'auto', deploy: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode)
+        name = type(self).__name__
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f'{name}: m (intermediate channels) must be an integer >= 1, got {m!r}')
+        _check_choice(name, 'norm', norm, NORMS)
+        _check_choice(name, 'path', path, PATHS)
+        self.m = m
+        self.bypass = bool(bypass)
+        self.norm = norm
+        self.path = path
+        self.use_bias = bool(bias)
+        self._factory = dict(device=device, dtype=dtype)
+        if deploy:
+            self._build_compact()
+        else:
+            self._build_expanding()
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _build_expanding(self) -> None:
+        p, q, m, f = self.in_channels, self.out_channels, self.m, self._factory
+        width = m + (q if self.bypass else 0)
+        self.expand = nn.Conv2d(p, width, self.kernel_size, self.stride, self.padding, self.dilation, bias=False,
+                                **f)
+        self.project = nn.Conv2d(m, q, 1, bias=False, **f)
+        if self.norm == 'branch':
+            self.expand_bn = nn.BatchNorm2d(width, **f)
+            self.project_bn = nn.BatchNorm2d(q, **f)
+        elif self.norm == 'sum':
+            self.sum_bn = nn.BatchNorm2d(q, **f)
+        else:
+            self.bias = nn.Parameter(torch.zeros(q, **f)) if self.use_bias else None
+
+    def _compact_has_bias(self) -> bool:
+        return self.norm != 'none' or self.use_bias
+
+    def _build_compact(self) -> None:
+        """Parameters of the compact form (Eq. 6–7): W0' and b' (bias of both branches), W1', b1', W2'."""
+        p, q, m, f = self.in_channels, self.out_channels, self.m, self._factory
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(q, p, kh, kw, **f)) if self.bypass else None
+        self.bias = nn.Parameter(torch.zeros(q, **f)) if self._compact_has_bias() else None
+        self.weight1 = nn.Parameter(torch.empty(m, p, kh, kw, **f))
+        self.bias1 = nn.Parameter(torch.zeros(m, **f)) if self.norm == 'branch' else None
+        self.weight2 = nn.Parameter(torch.empty(q, m, 1, 1, **f))
+        self.deploy = True
+        self._reset_compact()
+
+    def _reset_compact(self) -> None:
+        for w in (self.weight, self.weight1, self.weight2):
+            if w is not None:
+                kaiming_conv_init_(w)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        for b in (self.bias, self.bias1):
+            if b is not None:
+                conv_bias_init_(b, fan_in)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise like freshly built (called by mmpretrain-style ``init_weights``)."""
+        if self.deploy:
+            self._reset_compact()
+        else:
+            for mod in self.children():
+                if hasattr(mod, 'reset_parameters'):
+                    mod.reset_parameters()
+            if self.norm == 'none' and self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'MultiLayerConv':
+        """Build the layer in place of ``conv``: same geometry, device, dtype and mode; W0 starts as its kernel."""
+        layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
+        layer.train(conv.training)
+        if layer.bypass:
+            target = layer.weight if layer.deploy else layer.expand.weight[:layer.out_channels]
+            _copy_param(target, conv.weight)
+        if layer.norm == 'none' and conv.bias is not None and layer.bias is not None:
+            _copy_param(layer.bias, conv.bias)
+        return layer
+
+    # -- paper notation views ------------------------------------------------------------------------------------
+    @property
+    def W0(self) -> Optional[Tensor]:
+        """The static bypass kernel W0 (q×p×k×k), or None without bypass."""
+        if self.deploy:
+            return self.weight
+        return self.expand.weight[:self.out_channels] if self.bypass else None
+
+    @property
+    def W1(self) -> Tensor:
+        """The first kernel W1 (m×p×k×k) of the multi-layer branch."""
+        return self.weight1 if self.deploy else self.expand.weight[self.expand.out_channels - self.m:]
+
+    @property
+    def W2(self) -> Tensor:
+        """The pointwise kernel W2 (q×m×1×1)."""
+        return self.weight2 if self.deploy else self.project.weight
+
+    # -- folding ------------------------------------------------------------------------------------------------
+    def folded_branches(self) -> Dict[str, Optional[Tensor]]:
+        """BN-folded kernels and biases ``w0, b0, w1, b1, w2, b2`` (Eq. 4), the inputs of Eq. 6–7 / 10–11.
+
+        In the compact form these are the stored parameters (``b0`` then carries both static biases).
+        """
+        if self.deploy:
+            return dict(w0=self.weight, b0=self.bias, w1=self.weight1, b1=self.bias1, w2=self.weight2, b2=None)
+        q = self.out_channels
+        w = self.expand.weight
+        if self.norm == 'branch':
+            bn = self.expand_bn
+            w, b = fusion.fold_bn(w, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            w2, b2 = fusion.fold_bn(self.project.weight, None, self.project_bn.running_mean,
+                                    self.project_bn.running_var, self.project_bn.eps, self.project_bn.weight,
+                                    self.project_bn.bias)
+        elif self.norm == 'sum':
+            # one BN after the sum: its shift goes with the multi-layer branch, its scale with both
+            bn = self.sum_bn
+            w2, b2 = fusion.fold_bn(self.project.weight, None, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias)
+            b = None
+            if self.bypass:
+                w0s, _ = fusion.fold_bn_scale(w[:q], None, bn.running_var, bn.eps, bn.weight)
+                w = torch.cat([w0s, w[q:]])
+        else:
+            b, w2, b2 = None, self.project.weight, None
+        w, w2 = w.detach(), w2.detach()
+        if self.bypass:
+            w0, w1 = w[:q], w[q:]
+            b0, b1 = (b[:q], b[q:]) if b is not None else (None, None)
+        else:
+            w0, b0, w1, b1 = None, None, w, b
+        if self.norm == 'none' and self.bias is not None:
+            b0 = self.bias.detach()
+        return dict(w0=w0, b0=b0, w1=w1, b1=b1, w2=w2, b2=b2)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Fold every BN (Eq. 4) and keep W0', W1', W2' and the biases as the compact form; idempotent."""
+        if self.deploy:
+            return
+        self._check_fusable()
+        fb = self.folded_branches()
+        training = self.training
+        for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._build_compact()
+        if fb['w0'] is not None:
+            self.weight.copy_(fb['w0'])
+        static_bias = fusion._sum_bias(fb['b0'], fb['b2'])
+        if self.bias is not None:
+            self.bias.copy_(static_bias if static_bias is not None else torch.zeros_like(self.bias))
+        self.weight1.copy_(fb['w1'])
+        if self.bias1 is not None:
+            self.bias1.copy_(fb['b1'])
+        self.weight2.copy_(fb['w2'])
+        self.train(training)
+
+    def _check_fusable(self) -> None:
+        pass
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _mix(self, h: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_expanding(self, x: Tensor) -> Tensor:
+        q = self.out_channels
+        z = self.expand(x)
+        if self.norm == 'branch':
+            z = self.expand_bn(z)
+        h = z[:, q:] if self.bypass else z
+        y = self.project(self._mix(h, x))
+        if self.norm == 'branch':
+            y = self.project_bn(y)
+        if self.bypass:
+            y = y + z[:, :q]
+        if self.norm == 'sum':
+            y = self.sum_bn(y)
+        elif self.norm == 'none' and self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_compact(x) if self.deploy else self.forward_expanding(x)
+
+    def forward_compact(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # -- compact execution helpers ------------------------------------------------------------------------------
+    def choose_path(self, x: Tensor) -> str:
+        """``'weight'`` or ``'factorized'`` for this input, by multiply-accumulate count (issue: core, 4).
+
+        Per-sample weight generation costs q·m·p·k² per sample; the factorized form costs (m·p·k² + q·m)·H'·W'
+        per sample on top of the static conv both share.  Depends on the spatial size only, never on the batch.
+        """
+        if self.path != 'auto':
+            return self.path
+        p, q, m = self.in_channels, self.out_channels, self.m
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        oh, ow = self._out_hw(x.shape[-2], x.shape[-1])
+        return 'weight' if q * m * p * kk <= (m * p * kk + q * m) * oh * ow else 'factorized'
+
+    def _factorized_first(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """One conv computing W0'⊛x (q channels, no bias) and W1'⊛x + b1' (m channels)."""
+        if self.weight is None:
+            return None, self._conv(x, self.weight1, self.bias1)
+        w = torch.cat([self.weight, self.weight1])
+        b = None
+        if self.bias1 is not None:
+            b = torch.cat([torch.zeros_like(self.bias1[:1]).expand(self.out_channels), self.bias1])
+        z = self._conv(x, w, b)
+        return z[:, :self.out_channels], z[:, self.out_channels:]
+
+    def _finish_factorized(self, y: Tensor, z0: Optional[Tensor]) -> Tensor:
+        if z0 is not None:
+            y = y + z0
+        return y
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f', m={self.m}'
+        if not self.bypass:
+            s += ', bypass=False'
+        if self.norm != 'branch':
+            s += f', norm={self.norm!r}'
+        return s

@@ -1,0 +1,103 @@
+"""DYConv baseline (dynamic convolution, Chen et al. 2020): attention over K parallel kernels.
+
+The paper's setting (section 4.1): K = 4 experts, attention F = GAP → FC(p, p/4) → ReLU → FC(p/4, K), softmax
+with temperature 30.  ``set_temperature`` supports DYConv's temperature annealing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import fusion
+from ._common import PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_
+
+
+class DYConv2d(ConvBase):
+    """Dynamic convolution baseline, a drop-in for ``nn.Conv2d``.
+
+    ``y = (Σ_k π_k(x) W_k) ⊛ x + Σ_k π_k(x) b_k`` with ``π(x) = softmax(F(GAP(x)) / T)``.
+    It has no BN inside, so its expanding and compact forms coincide; ``path`` chooses how it runs:
+    ``'weight'`` aggregates the kernels per sample and runs one batched call (bmm for 1×1, a grouped conv
+    otherwise), ``'factorized'`` runs the K kernels as one conv and mixes the K outputs, ``'auto'`` is
+    ``'weight'`` (the cheaper one whenever H'·W' ≥ 1).
+
+    Args (beyond ``nn.Conv2d``'s): ``num_experts`` (K, paper 4), ``temperature`` (paper 30), ``hidden_ratio``
+    (paper 1/4), ``path``; ``deploy`` is accepted for the common interface and changes nothing.
+    """
+
+    supports_groups = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, num_experts: int = 4,
+                 temperature: float = 30.0, hidden_ratio: float = 0.25, path: str = 'auto', deploy: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode)
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f'DYConv2d: num_experts must be an integer >= 1, got {num_experts!r}')
+        _check_choice('DYConv2d', 'path', path, PATHS)
+        f = dict(device=device, dtype=dtype)
+        self.num_experts = num_experts
+        self.path = path
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels // groups,
+                                               *self.kernel_size, **f))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **f)) if bias else None
+        self.attention = Attention(in_channels, num_experts, hidden_ratio, 'softmax', temperature, **f)
+        self.deploy = bool(deploy)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for k in range(self.num_experts):
+            kaiming_conv_init_(self.weight[k])
+        if self.bias is not None:
+            conv_bias_init_(self.bias, self.weight[0, 0].numel())
+        self.attention.reset_parameters()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'DYConv2d':
+        """Every expert starts as ``conv``'s kernel, so the new layer computes what ``conv`` did."""
+        layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
+        layer.train(conv.training)
+        _copy_param(layer.weight, conv.weight.unsqueeze(0).expand_as(layer.weight))
+        if conv.bias is not None:
+            _copy_param(layer.bias, conv.bias.unsqueeze(0).expand_as(layer.bias))
+        return layer
+
+    def set_temperature(self, t: float) -> None:
+        """Set the softmax temperature T (annealed from 30 towards 1 in DYConv's recipe)."""
+        self.attention.temperature = float(t)
+
+    def dynamic_coefficients(self, x: Tensor) -> Tensor:
+        """π(x), (B, K)."""
+        return self.attention(x)
+
+    def get_equivalent_kernel_bias(self, x: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Per-sample aggregated kernels (B, q, p/g, k, k) and biases (B, q) for input ``x``."""
+        if x is None:
+            raise ValueError('DYConv2d.get_equivalent_kernel_bias needs the input x: the kernel Σ π_k(x) W_k '
+                             'depends on it')
+        return fusion.dyconv_kernel_bias(self.weight, self.bias, self.dynamic_coefficients(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        pi = self.dynamic_coefficients(x)
+        if self.path == 'factorized':
+            k, q = self.num_experts, self.out_channels
+            bias = None if self.bias is None else self.bias.reshape(-1)
+            y = self._conv(x, self.weight.reshape((k * q,) + tuple(self.weight.shape[2:])), bias, self.groups
+                           ) if self.groups == 1 else torch.cat(
+                [self._conv(x, self.weight[i], None if self.bias is None else self.bias[i], self.groups)
+                 for i in range(k)], 1)
+            y = y.reshape(y.shape[0], k, q, y.shape[-2], y.shape[-1])
+            return torch.einsum('bk,bkqhw->bqhw', pi, y)
+        weight, bias = fusion.dyconv_kernel_bias(self.weight, self.bias, pi)
+        return self.per_sample_conv(x, weight, bias)
+
+    def switch_to_deploy(self) -> None:
+        """DYConv has no training-only branches: marks the layer deployed, changes nothing else."""
+        self.deploy = True
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', num_experts={self.num_experts}'

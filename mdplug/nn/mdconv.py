@@ -1,0 +1,93 @@
+"""MDConv: the multi-layer dynamic convolution (paper, section 2, Eq. 1–7).
+
+Not to be confused with MixNet's "MDConv" (mixed depthwise convolution): this is Luo & Zhan's layer, which puts a
+sigmoid channel attention A(x) between a k×k conv and a 1×1 conv, beside a static bypass conv.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import fusion
+from ._common import Attention, _check_choice
+from ._multilayer import MultiLayerConv
+
+
+class MDConv2d(MultiLayerConv):
+    """Multi-layer dynamic convolution, a drop-in for ``nn.Conv2d``.
+
+    Expanding form (training, Eq. 3): ``y = BN2(W2 · A(x) · BN1(W1 ⊛ x)) + BN0(W0 ⊛ x)`` with
+    ``A(x) = diag(gate(F(GAP(x))))`` (Eq. 1–2), F = Linear(p, h) → ReLU → Linear(h, m).  The diagonal matrix is
+    never built: A scales the m intermediate channels by broadcasting.
+
+    Compact form (inference, Eq. 5–7): one conv per sample with ``W(x) = W2'·A(x)·W1' + W0'`` and
+    ``b(x) = W2'·A(x)·b1' + b'`` (exact, not approximate).  It runs as either
+
+    * ``path='weight'``: generate the (B, q, p, k, k) kernels and run them in one batched call; or
+    * ``path='factorized'``: W0' and W1' as one conv, A on the m middle channels, then W2' (no BN left);
+
+    ``path='auto'`` picks by multiply-accumulate count for the input's spatial size.
+
+    Args (beyond ``nn.Conv2d``'s):
+        m: intermediate channels (paper: 20).
+        hidden_ratio: hidden units of F per input channel (paper: 1/4; Table 12 varies it).
+        gate: ``'sigmoid'`` (Eq. 2) or ``'softmax'`` (Table 13), applied to logits divided by ``temperature``.
+        bypass, norm: as for :class:`~mdplug.nn.MAConv2d` (Tables 8 and 9).
+        path: compact execution, ``'auto' | 'weight' | 'factorized'``.
+        deploy: build the compact form directly.
+    """
+
+    gates = ('sigmoid', 'softmax')
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, m: int = 20,
+                 hidden_ratio: float = 0.25, gate: str = 'sigmoid', temperature: float = 1.0, bypass: bool = True,
+                 norm: str = 'branch', path: str = 'auto', deploy: bool = False, device=None, dtype=None) -> None:
+        _check_choice(type(self).__name__, 'gate', gate, self.gates)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, m=m, bypass=bypass, norm=norm, path=path, deploy=deploy, device=device,
+                         dtype=dtype)
+        self.attention = Attention(in_channels, self._attention_size(), hidden_ratio, gate, temperature,
+                                   device=device, dtype=dtype)
+
+    def _attention_size(self) -> int:
+        return self.m
+
+    def dynamic_coefficients(self, x: Tensor) -> Tensor:
+        """The diagonal of A(x), (B, m) (Eq. 1–2)."""
+        return self.attention(x)
+
+    def _mix(self, h: Tensor, x: Tensor) -> Tensor:
+        return h * self.dynamic_coefficients(x)[:, :, None, None]
+
+    def _kernel_bias(self, fb: dict, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        return fusion.mdconv_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], coeff)
+
+    def get_equivalent_kernel_bias(self, x: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Eq. 6–7 for input ``x``: per-sample kernels (B, q, p, k, k) and biases (B, q), eval-mode BN."""
+        if x is None:
+            raise ValueError(f'{type(self).__name__}.get_equivalent_kernel_bias needs the input x: the kernel '
+                             f'W2\'·A(x)·W1\' + W0\' of Eq. 6 depends on it')
+        return self._kernel_bias(self.folded_branches(), self.dynamic_coefficients(x))
+
+    def forward_compact(self, x: Tensor) -> Tensor:
+        coeff = self.dynamic_coefficients(x)
+        if self.choose_path(x) == 'weight':
+            fb = self.folded_branches()
+            weight, bias = self._kernel_bias(fb, coeff)
+            return self.per_sample_conv(x, weight, bias)
+        z0, h = self._factorized_first(x)
+        y = self._conv_project(self._apply_coefficients(h, coeff))
+        return y if z0 is None else y + z0
+
+    def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
+        return h * coeff[:, :, None, None]
+
+    def _conv_project(self, h: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(h, self.weight2, self.bias)
+
+    def set_temperature(self, t: float) -> None:
+        """Set the attention's softmax/sigmoid temperature (for annealing schedules)."""
+        self.attention.temperature = float(t)

@@ -1,0 +1,28 @@
+import pytest
+import torch
+from torch import nn
+
+
+def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+                n = bn.num_features
+                bn.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if bn.affine:
+                    bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    bn.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
