@@ -1,0 +1,198 @@
+"""Decide which convs of a model a conversion replaces, and say why for every conv (the dry run)."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from mdplug.convert._layers import layer_class, mdplug_layer_types
+from mdplug.convert.graph import ConvSite, ModelGraph, analyse
+
+__all__ = ['Decision', 'Plan', 'plan', 'SELECT_RULES', 'describe_conv']
+
+SELECT_RULES = ('pointwise', 'spatial', 'all')
+Select = Union[str, Callable[[str, nn.Module], bool]]
+
+
+def describe_conv(m: nn.Module) -> str:
+    """``'32→16 1×1 s1 g1'``: channels, kernel, stride, groups of a conv-like module."""
+    kh, kw = _pair(getattr(m, 'kernel_size', '?'))
+    s = _pair(getattr(m, 'stride', 1))
+    stride = f's{s[0]}' if s[0] == s[1] else f's{s[0]}×{s[1]}'
+    return f'{m.in_channels}→{m.out_channels} {kh}×{kw} {stride} g{getattr(m, "groups", 1)}'
+
+
+def _pair(v) -> Tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclasses.dataclass
+class Decision:
+    """One conv of the model: its qualified name, type, shape, whether it is replaced, and why."""
+    name: str
+    type: str
+    shape: str
+    selected: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The result of :func:`plan`: convs to replace and convs kept, each with a reason."""
+    kind: str
+    select: str
+    decisions: List[Decision]
+    traced: bool
+    notes: List[str]
+    stem: Optional[str] = None
+    head: Optional[str] = None
+    num_linear: int = 0
+
+    @property
+    def replace(self) -> List[Decision]:
+        """The convs to replace, in execution order."""
+        return [d for d in self.decisions if d.selected]
+
+    @property
+    def skip(self) -> List[Decision]:
+        """The convs kept, in execution order, each with its reason."""
+        return [d for d in self.decisions if not d.selected]
+
+    @property
+    def names(self) -> List[str]:
+        return [d.name for d in self.replace]
+
+    def __len__(self) -> int:
+        return len(self.replace)
+
+    def as_dict(self) -> dict:
+        return dict(kind=self.kind, select=self.select, traced=self.traced, notes=list(self.notes),
+                    stem=self.stem, head=self.head, replace=[d.as_dict() for d in self.replace],
+                    skip=[d.as_dict() for d in self.skip])
+
+    def table(self, verbose: bool = True) -> str:
+        """A readable table; with ``verbose=False`` only the summary line and the notes."""
+        how = 'fx graph' if self.traced else 'module walk'
+        lines = [f'{self.kind}, select={self.select}: {len(self.replace)} convs to replace, '
+                 f'{len(self.skip)} kept (analysis: {how})']
+        lines += [f'  note: {n}' for n in self.notes]
+        if verbose:
+            rows = [('replace' if d.selected else 'keep', d.name, d.type, d.shape, d.reason)
+                    for d in self.decisions]
+            if rows:
+                w = [max(len(r[i]) for r in rows) for i in range(4)]
+                lines += ['  ' + '  '.join(c.ljust(w[i]) if i < 4 else c for i, c in enumerate(r)) for r in rows]
+        return '\n'.join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def nothing_matched(self) -> str:
+        """The message for a plan that replaces nothing: which convs exist and why each was kept."""
+        msg = f'nothing matched select={self.select}'
+        if not self.skip:
+            msg += ': the model has no nn.Conv2d'
+        else:
+            shown = '; '.join(f'{d.name} ({d.type} {d.shape}: {d.reason})' for d in self.skip[:8])
+            more = f'; ... {len(self.skip) - 8} more' if len(self.skip) > 8 else ''
+            msg += f'; convs present: {shown}{more}'
+        if self.num_linear:
+            msg += (f'; its {self.num_linear} nn.Linear layers (e.g. the pointwise projections of an MLP) '
+                    'are not convs and are not converted')
+        return msg
+
+
+def _rule_reason(rule: str, m: nn.Conv2d) -> Tuple[bool, str]:
+    kh, kw = _pair(m.kernel_size)
+    if m.groups != 1:
+        what = 'depthwise' if m.groups == m.in_channels else 'grouped'
+        return False, f'{what} (groups={m.groups}); the rules take groups=1 only'
+    if rule == 'pointwise' and (kh, kw) != (1, 1):
+        return False, f'not pointwise ({kh}×{kw})'
+    if rule == 'spatial' and (kh, kw) == (1, 1):
+        return False, 'not spatial (1×1)'
+    if m.padding_mode != 'zeros':
+        return False, f'padding_mode={m.padding_mode!r} (the layers support zeros only)'
+    return True, {'pointwise': 'pointwise 1×1, groups=1', 'spatial': f'spatial {kh}×{kw}, groups=1',
+                  'all': f'{kh}×{kw}, groups=1'}[rule]
+
+
+def _pooled(site: ConvSite) -> bool:
+    """The conv reads a 1×1 map (the output of global pooling: an SE gate, a post-pool head)."""
+    return site.in_shape is not None and len(site.in_shape) == 4 and tuple(site.in_shape[2:]) == (1, 1)
+
+
+def _decide(site: ConvSite, graph: ModelGraph, select: Select, exclude: Sequence[str],
+            keep_stem: bool, keep_head: bool) -> Decision:
+    m, name = site.module, site.name
+    d = Decision(name, type(m).__name__, describe_conv(m), False, '')
+    ours = mdplug_layer_types()
+    if ours and isinstance(m, ours):
+        d.reason = f'already an mdplug layer ({type(m).__name__})'
+        return d
+    if type(m) is not nn.Conv2d:
+        d.reason = f'{type(m).__name__} is a subclass of nn.Conv2d; only exact nn.Conv2d is converted'
+        return d
+    hit = next((g for g in exclude if fnmatch.fnmatchcase(name, g)), None)
+    if hit is not None:
+        d.reason = f'excluded by {hit!r}'
+        return d
+    if callable(select):
+        ok = bool(select(name, m))
+        reason = 'selected by the callable' if ok else 'not selected by the callable'
+    else:
+        ok, reason = _rule_reason(select, m)
+        if ok and _pooled(site):
+            ok, reason = False, 'reads a globally pooled 1×1 map (attention gate / FC-like head)'
+    if not ok:
+        d.reason = reason
+        return d
+    if keep_stem and name == graph.stem:
+        d.reason = 'stem: first conv reading the model input (keep_stem=True)'
+        return d
+    if keep_head and name == graph.head:
+        why = ('last conv in registration order (no graph)' if not graph.traced
+               else 'last conv, on the trunk (not inside a residual block)')
+        d.reason = f'head: {why} (keep_head=True)'
+        return d
+    d.selected, d.reason = True, reason
+    return d
+
+
+def _as_globs(exclude: Union[str, Iterable[str], None]) -> Tuple[str, ...]:
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    return tuple(exclude)
+
+
+def plan(model: nn.Module, kind: str = 'mdconv', select: Select = 'pointwise',
+         exclude: Union[str, Iterable[str]] = (), keep_stem: bool = True, keep_head: bool = True,
+         example_inputs=None) -> Plan:
+    """Dry run of :func:`mdplug.convert`: which ``nn.Conv2d`` would be replaced by the layer of ``kind``.
+
+    select: ``'pointwise'`` (1×1, groups=1), ``'spatial'`` (k×k with k>1, groups=1), ``'all'`` (groups=1), or a
+    callable ``(qualified_name, conv) -> bool``. The rules skip convs that read a globally pooled 1×1 map (SE
+    gates, post-pool heads), found by running ``example_inputs`` once (default: one random image of the model's
+    ``pretrained_cfg['input_size']``, else 3×224×224).
+    exclude: fnmatch globs on qualified names. keep_stem / keep_head: see :mod:`mdplug.convert.graph`.
+    Matching is by exact type, so ``nn.Conv2d`` subclasses (``Conv2dSame``, ``StdConv2d``) are listed as kept.
+    """
+    layer_class(kind)  # unknown kind: ValueError now, before any work
+    if isinstance(select, str) and select not in SELECT_RULES:
+        raise ValueError(f'unknown select={select!r}; use one of {", ".join(SELECT_RULES)} or a callable')
+    globs = _as_globs(exclude)
+    graph = analyse(model, example_inputs=example_inputs, shapes=not callable(select))
+    decisions = [_decide(s, graph, select, globs, keep_stem, keep_head) for s in graph.ordered()]
+    label = repr(select) if isinstance(select, str) else getattr(select, '__name__', 'callable')
+    notes = [graph.note] if graph.note else []
+    unused = [g for g in globs if not any(fnmatch.fnmatchcase(d.name, g) for d in decisions)]
+    if unused:
+        notes.append(f'exclude globs that matched no conv: {", ".join(map(repr, unused))}')
+    return Plan(kind, label, decisions, traced=graph.traced, notes=notes, stem=graph.stem, head=graph.head, num_linear=graph.num_linear)
