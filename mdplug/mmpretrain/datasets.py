@@ -1,0 +1,171 @@
+"""Datasets of the paper that mmpretrain does not read from local files, and a per-class training-data fraction.
+
+- ``SVHN``: the official ``{train,test,extra}_32x32.mat`` files (label 10 means digit 0).
+- ``FashionMNISTIDX``: the IDX files of Fashion-MNIST, gzipped or raw (e.g. the Debian package
+  ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``); never downloads.
+- ``PerClassSubset``: keep a random ``fraction`` of every class, with a fixed seed (paper Table 3).
+- ``CenterPad``: zero-pad an image symmetrically to a fixed size (Fashion-MNIST 28x28 -> 32x32).
+"""
+import gzip
+import os.path as osp
+
+import numpy as np
+from mmcv.transforms import BaseTransform
+from mmpretrain.datasets import BaseDataset
+from mmpretrain.registry import DATASETS, TRANSFORMS
+
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+
+
+def _require_data_root(dataset, data_root, hint):
+    if not data_root:
+        raise ValueError(f'{dataset}: data_root is not set; {hint}')
+    if not osp.isdir(data_root):
+        raise FileNotFoundError(f'{dataset}: data_root {data_root!r} is not a directory; {hint}')
+
+
+@DATASETS.register_module()
+class SVHN(BaseDataset):
+    """The Street View House Numbers dataset from its official ``.mat`` files.
+
+    Args:
+        data_root (str): folder holding ``train_32x32.mat``, ``test_32x32.mat`` (and ``extra_32x32.mat``).
+        split (str): ``'train'``, ``'test'`` or ``'extra'``.
+
+    Each sample is a ``32x32x3`` uint8 image; the ``.mat`` label 10 is digit 0.
+    """
+
+    METAINFO = {'classes': tuple(str(d) for d in range(10))}
+    SPLITS = ('train', 'test', 'extra')
+    HINT = ('download train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ and set '
+            'data_root to their folder')
+
+    def __init__(self, data_root='', split='train', **kwargs):
+        if split not in self.SPLITS:
+            raise ValueError(f'SVHN: split must be one of {self.SPLITS}, got {split!r}')
+        _require_data_root('SVHN', data_root, self.HINT)
+        self.split = split
+        kwargs.setdefault('test_mode', split == 'test')
+        super().__init__(ann_file='', data_root=data_root, **kwargs)
+
+    def load_data_list(self):
+        from scipy.io import loadmat
+
+        path = osp.join(self.data_root, f'{self.split}_32x32.mat')
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'SVHN: {path} does not exist; {self.HINT}')
+        mat = loadmat(path)
+        images = np.ascontiguousarray(mat['X'].transpose(3, 0, 1, 2))  # (32, 32, 3, N) -> (N, 32, 32, 3)
+        labels = mat['y'].reshape(-1).astype(np.int64) % 10  # 10 is the digit 0
+        return [dict(img=img, gt_label=int(label)) for img, label in zip(images, labels)]
+
+
+def read_idx(path):
+    """Read an IDX file (``path`` or ``path + '.gz'``) of unsigned bytes into a numpy array of its shape."""
+    candidates = [path, path + '.gz'] if not path.endswith('.gz') else [path, path[:-3]]
+    found = next((p for p in candidates if osp.isfile(p)), None)
+    if found is None:
+        raise FileNotFoundError(f'IDX file {path} (or {path}.gz) does not exist')
+    opener = gzip.open if found.endswith('.gz') else open
+    with opener(found, 'rb') as f:
+        data = f.read()
+    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f'{found}: not an IDX file of unsigned bytes (magic {data[:4].hex()})')
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f'{found}: {array.size} values for shape {shape}')
+    return array.reshape(shape)
+
+
+@DATASETS.register_module()
+class FashionMNISTIDX(BaseDataset):
+    """Fashion-MNIST from its four IDX files, gzipped or raw; never downloads.
+
+    Args:
+        data_root (str): folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; on Debian/Ubuntu
+            ``apt-get install dataset-fashion-mnist`` puts them in ``/usr/share/datasets/fashion-mnist``.
+        split (str): ``'train'`` (60000 images) or ``'test'`` (10000 images).
+
+    Each sample is a ``28x28x1`` uint8 image; pad it to 32x32 with ``CenterPad``.
+    """
+
+    METAINFO = {'classes': FASHION_MNIST_CLASSES}
+    PREFIX = {'train': 'train', 'test': 't10k'}
+    HINT = ('install the Debian package with `apt-get install dataset-fashion-mnist` (files in '
+            '/usr/share/datasets/fashion-mnist) or set data_root to a folder with the IDX files')
+
+    def __init__(self, data_root='', split='train', **kwargs):
+        if split not in self.PREFIX:
+            raise ValueError(f'FashionMNISTIDX: split must be one of {tuple(self.PREFIX)}, got {split!r}')
+        _require_data_root('FashionMNISTIDX', data_root, self.HINT)
+        self.split = split
+        kwargs.setdefault('test_mode', split == 'test')
+        super().__init__(ann_file='', data_root=data_root, **kwargs)
+
+    def load_data_list(self):
+        prefix = osp.join(self.data_root, self.PREFIX[self.split])
+        images = read_idx(prefix + '-images-idx3-ubyte')
+        labels = read_idx(prefix + '-labels-idx1-ubyte')
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f'FashionMNISTIDX: {images.shape[0]} images but {labels.shape[0]} labels in '
+                             f'{self.data_root}')
+        return [dict(img=img[:, :, None], gt_label=int(label)) for img, label in zip(images, labels)]
+
+
+def per_class_indices(labels, fraction, seed=0):
+    """Indices of a random ``fraction`` of every class of ``labels`` (at least one each), sorted.
+
+    The draw depends only on ``labels``, ``fraction`` and ``seed``, so every process and every run of an
+    experiment trains on the same subset.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f'fraction must be in (0, 1], got {fraction}')
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(keep)).tolist()
+
+
+@DATASETS.register_module()
+def PerClassSubset(dataset, fraction=1.0, seed=0):
+    """Build ``dataset`` and keep a random ``fraction`` of each class (fixed ``seed``); returns that dataset.
+
+    ``train_dataloader.dataset = dict(type='PerClassSubset', dataset=dict(type='ImageNet', ...), fraction=0.1)``.
+    The built dataset keeps its class and metainfo; only its sample list shrinks.
+    """
+    built = DATASETS.build(dataset)
+    if fraction < 1:
+        built.full_init()
+        labels = [built.get_data_info(i)['gt_label'] for i in range(len(built))]
+        built.get_subset_(per_class_indices(labels, fraction, seed))
+    return built
+
+
+@TRANSFORMS.register_module()
+class CenterPad(BaseTransform):
+    """Zero-pad ``results['img']`` (``HxW`` or ``HxWxC``) evenly on all sides to ``size x size``."""
+
+    def __init__(self, size, pad_val=0):
+        self.size = size
+        self.pad_val = pad_val
+
+    def transform(self, results):
+        img = results['img']
+        h, w = img.shape[:2]
+        if h > self.size or w > self.size:
+            raise ValueError(f'CenterPad: image {h}x{w} is larger than {self.size}x{self.size}')
+        top, left = (self.size - h) // 2, (self.size - w) // 2
+        pad = [(top, self.size - h - top), (left, self.size - w - left)] + [(0, 0)] * (img.ndim - 2)
+        results['img'] = np.pad(img, pad, constant_values=self.pad_val)
+        results['img_shape'] = results['img'].shape[:2]
+        return results
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}(size={self.size}, pad_val={self.pad_val})'

@@ -1,0 +1,170 @@
+"""What ``tools/*.py`` share: config fix-ups, CPU distributed set-up, checkpoint loading, deployment.
+
+Kept here (not in the tools) so the tools stay thin and the pieces are testable.
+"""
+import copy
+import os.path as osp
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
+from mmengine.logging import HistoryBuffer
+
+from mdplug.convert import compact
+
+from .layers import LAYER_TYPES
+from .transform import CONVERTED, unwrap_converted
+
+DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def allow_mmengine_checkpoints():
+    """Allow-list the few non-tensor types of mmengine checkpoints for ``torch.load(weights_only=True)``.
+
+    Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``; mmengine (0.10.7) calls it without the argument,
+    so ``--resume`` and ``load_from`` fail on mmengine's own checkpoints, whose ``message_hub`` holds
+    ``HistoryBuffer`` objects of numpy arrays. Allow-listing exactly those keeps the safe loader.
+    """
+    multiarray = getattr(np, '_core', np.core).multiarray
+    safe = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    safe += [type(np.dtype(name)) for name in ('float64', 'float32', 'int64', 'int32', 'bool')]
+    torch.serialization.add_safe_globals(safe)
+
+
+def load_state_dict(path):
+    """The ``state_dict`` of an mmengine checkpoint (or of a bare state dict), without DDP's ``module.`` prefix."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    allow_mmengine_checkpoints()
+    checkpoint = _load_checkpoint(path, map_location='cpu')
+    state = checkpoint.get('state_dict', checkpoint)
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def load_strictly(model: nn.Module, state: dict, checkpoint: str, config: str):
+    """Load ``state`` into ``model``; a checkpoint of another model fails with the keys that differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+                  for k in own if k in state and hasattr(state[k], 'shape') and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f'{checkpoint} is not a checkpoint of the model of {config}:']
+        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                            ('shape mismatches', mismatched)):
+            if keys:
+                shown = ', '.join(keys[:5]) + (', ...' if len(keys) > 5 else '')
+                lines.append(f'  {len(keys)} {title}: {shown}')
+        raise ValueError('\n'.join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+def dataset_cfgs(cfg):
+    """Yield every (innermost) dataset config of the config's dataloaders, through wrappers such as
+    ``PerClassSubset``."""
+    for key in DATALOADERS:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        dataset = loader['dataset']
+        while 'dataset' in dataset:
+            dataset = dataset['dataset']
+        yield key, dataset
+
+
+def set_data_root(cfg, data_root):
+    """Point every dataloader's dataset at ``data_root`` (what ``--data-root`` does)."""
+    for _, dataset in dataset_cfgs(cfg):
+        dataset['data_root'] = data_root
+
+
+def check_data_roots(cfg, keys=DATALOADERS):
+    """Fail early, naming the option to set, when a dataloader's ``data_root`` does not exist."""
+    for key, dataset in dataset_cfgs(cfg):
+        if key not in keys:
+            continue
+        root = dataset.get('data_root')
+        if not root or not osp.isdir(root):
+            raise FileNotFoundError(
+                f'{key}: data_root {root!r} of dataset {dataset.get("type")!r} does not exist; pass '
+                f'--data-root DIR (all dataloaders) or --cfg-options {key}.dataset.data_root=DIR')
+
+
+def fix_dataloaders(cfg):
+    """``persistent_workers`` needs worker processes: turn it off for ``num_workers=0`` loaders."""
+    for key in DATALOADERS:
+        loader = cfg.get(key)
+        if loader and loader.get('num_workers', 0) == 0:
+            loader['persistent_workers'] = False
+
+
+def setup_distributed(cfg, launcher):
+    """Run a ``--launcher pytorch`` job on CPU processes with gloo when there is no CUDA device.
+
+    mmengine's pytorch launcher calls ``torch.cuda.set_device`` and wraps the model with ``device_ids=[LOCAL_RANK]``;
+    on CPU we start the gloo process group ourselves (torchrun's environment) and wrap without device ids.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = 'gloo'
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend='gloo')
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel', broadcast_buffers=False)
+    wrapper['device_ids'] = None
+    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
+
+
+def input_shape(cfg):
+    """``(C, H, W)`` of the config's images (``input_shape`` of the dataset base config; ImageNet by default)."""
+    return tuple(cfg.get('input_shape', (3, 224, 224)))
+
+
+# --------------------------------------------------------------------------------------------------- models
+def build_model(cfg):
+    """Build ``cfg.model`` in mmpretrain's scope."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    return MODELS.build(copy.deepcopy(cfg.model))
+
+
+def has_mdplug_layers(model):
+    return any(isinstance(m, LAYER_TYPES) for m in model.modules())
+
+
+def is_converted(cfg):
+    return any(isinstance(cfg.model.get(k), dict) and cfg.model[k].get('type') == CONVERTED
+               for k in ('backbone', 'neck', 'head'))
+
+
+def deploy(cfg, config_path, checkpoint):
+    """Load ``checkpoint`` into ``cfg``'s model and re-parameterise it; returns ``(expanding, deployed, static)``.
+
+    ``deployed`` is :func:`mdplug.compact` of the model. When it has no mdplug layer left (MAConv) and the config
+    converts a backbone, ``static`` is the *static* config's model (``mdplug.Converted`` unwrapped) holding the
+    compact weights (``mdplug.compact`` folds each fused bias into the BN that follows); otherwise ``static`` is
+    None.
+    """
+    expanding = build_model(cfg)
+    load_strictly(expanding, load_state_dict(checkpoint), checkpoint, config_path)
+    expanding.eval()
+    deployed = compact(copy.deepcopy(expanding), inplace=True).eval()
+    static = None
+    if is_converted(cfg) and not has_mdplug_layers(deployed):
+        static_cfg = copy.deepcopy(cfg)
+        static_cfg.model = unwrap_converted(cfg.model)
+        static = build_model(static_cfg).eval()
+        load_strictly(static, deployed.state_dict(), checkpoint + ' (compacted)', config_path + ' (static)')
+    return expanding, deployed, static
+
+
+def max_output_difference(a, b, inputs):
+    """Largest absolute difference of the logits of two classifiers on ``inputs``."""
+    with torch.no_grad():
+        return (a(inputs) - b(inputs)).abs().max().item()

@@ -1,0 +1,84 @@
+"""Model transforms for configs: ``mdplug.Converted`` and ``mdplug.Compacted``.
+
+``backbone=dict(type='mdplug.Converted', backbone=dict(type='MobileNetV2'), kind='mdconv', select='pointwise', m=20)``
+builds the inner backbone and converts it in place when the model is built, i.e. before the Runner wraps the model
+in DDP and builds the optimizer. The result *is* the inner backbone (same class, same state_dict keys for the
+layers that were not converted).
+"""
+import copy
+import types
+
+import torch
+import torch.nn as nn
+
+from mdplug.convert import compact, convert
+from mdplug.nn import LAYERS
+
+from .layers import LAYER_TYPES
+from .registry import MODELS
+
+CONVERTED = 'mdplug.Converted'
+
+
+def reset_mdplug_layers(module: nn.Module) -> int:
+    """Re-run ``reset_parameters()`` of every mdplug layer inside ``module``; returns how many were reset."""
+    layers = [m for m in module.modules() if isinstance(m, LAYER_TYPES)]
+    for layer in layers:
+        layer.reset_parameters()
+    return len(layers)
+
+
+def _init_weights_then_reset_mdplug(self):
+    """``init_weights`` of a converted backbone: the class's own, then mdplug layers' own initialisation.
+
+    Backbones such as ShuffleNetV2 walk ``named_modules()`` and re-initialise every ``nn.Conv2d`` and BN they find,
+    which reaches the branches inside mdplug layers (their BN scales, their zero-initialised convs); resetting the
+    mdplug layers afterwards restores the initialisation each layer is designed with.
+    """
+    type(self).init_weights(self)
+    reset_mdplug_layers(self)
+
+
+@MODELS.register_module(name='Converted')
+def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), **convert_kwargs) -> nn.Module:
+    """Build ``backbone`` (an mmpretrain config dict) and convert it with ``mdplug.convert(kind=kind, ...)``.
+
+    ``input_shape`` ``(C, H, W)``: the image size the conversion pass traces the backbone with (it tells the stem,
+    the head and pooled 1x1 maps apart). ``convert_kwargs`` go to :func:`mdplug.convert` (``select``, ``exclude``,
+    ``keep_stem``, ``keep_head``) and on to the layers (``m``, ``hidden_ratio``, ``bypass``, ``norm``, ...).
+    Returns the built backbone itself; its ``init_weights`` is wrapped so mmpretrain's initialisation leaves
+    mdplug layers correctly initialised.
+    """
+    if kind not in LAYERS:
+        raise KeyError(f'{CONVERTED}: unknown kind {kind!r} for backbone {backbone.get("type")!r}; '
+                       f'choose one of {sorted(LAYERS)}')
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
+    model = MMPRETRAIN_MODELS.build(copy.deepcopy(backbone))
+    example_inputs = torch.randn(1, *input_shape)
+    model = convert(model, kind=kind, inplace=True, example_inputs=example_inputs, **convert_kwargs)
+    if hasattr(model, 'init_weights'):
+        model.init_weights = types.MethodType(_init_weights_then_reset_mdplug, model)
+    return model
+
+
+@MODELS.register_module(name='Compacted')
+def Compacted(model: dict) -> nn.Module:
+    """Build ``model`` and re-parameterise it into its compact (deploy) form with :func:`mdplug.compact`.
+
+    Lets ``tools/test.py --deployed`` and ``tools/analysis.py`` build the structure that a compact checkpoint of
+    ``tools/deploy.py`` loads into.
+    """
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
+    built = MMPRETRAIN_MODELS.build(copy.deepcopy(model))
+    built.eval()
+    return compact(built, inplace=True)
+
+
+def unwrap_converted(model_cfg: dict) -> dict:
+    """The static model's config: ``model_cfg`` with every ``mdplug.Converted`` backbone replaced by its inner one."""
+    cfg = copy.deepcopy(model_cfg)
+    for key in ('backbone', 'neck', 'head'):
+        part = cfg.get(key)
+        if isinstance(part, dict) and part.get('type') == CONVERTED:
+            cfg[key] = part['backbone']
+    return cfg

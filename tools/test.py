@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--deployed] [--data-root DIR] ...``.
+
+``--deployed`` evaluates a compact checkpoint of ``tools/deploy.py`` (the model is built, compacted, then loaded).
+A static checkpoint that ``tools/deploy.py`` wrote for an MAConv config is evaluated with the static config.
+"""
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+
+from mdplug.mmpretrain import runtime
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Evaluate a classifier (mdplug + mmpretrain)')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--deployed', action='store_true', help='CHECKPOINT is compact (tools/deploy.py)')
+    parser.add_argument('--work-dir', help='where the evaluation log goes')
+    parser.add_argument('--out', help='dump the metrics to this json file')
+    parser.add_argument('--data-root', help='data_root of every dataloader of the config')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.data_root:
+        runtime.set_data_root(cfg, args.data_root)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if args.deployed:
+        cfg.model = dict(type='mdplug.Compacted', model=cfg.model)
+    cfg.load_from, cfg.resume = None, False  # loaded strictly below, not by the Runner
+    runtime.fix_dataloaders(cfg)
+    runtime.setup_distributed(cfg, args.launcher)
+    runtime.check_data_roots(cfg, keys=('test_dataloader', ))
+    runtime.allow_mmengine_checkpoints()
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    runtime.load_strictly(model, runtime.load_state_dict(args.checkpoint), args.checkpoint, args.config)
+    metrics = runner.test()
+    if args.out and runner.rank == 0:
+        import json
+        with open(args.out, 'w') as f:
+            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
