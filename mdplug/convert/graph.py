@@ -69,7 +69,7 @@ class ConvSite:
     """
     name: str
     module: nn.Module
-    order: int
+    order: float
     calls: int = 1
     reads_input: bool = False
     users: Optional[List[str]] = None
@@ -180,7 +180,25 @@ def _graph_sites(model: nn.Module, graph: torch.fx.Graph) -> ModelGraph:
         last.on_trunk = on_trunk
         if on_trunk:
             g.head = last.name
+    _add_hidden_convs(model, g, {str(n.target): i for i, n in enumerate(nodes) if n.op == 'call_module'})
     return g
+
+
+def _add_hidden_convs(model: nn.Module, g: ModelGraph, leaf_order: Dict[str, int]) -> None:
+    """Add convs the graph does not show: those inside leaf modules (timm's no-trace list) or never called.
+
+    They are still convertible (a module swap), but who reads their output is unknown, so ``compact`` keeps
+    a fused bias in them. They are ordered right after the leaf that contains them, or after everything.
+    """
+    end = max([s.order for s in g.sites.values()] + [0]) + 1
+    for name, mod in model.named_modules():
+        if name in g.sites or not _is_conv(mod):
+            continue
+        parts = name.split('.')
+        owner = next(('.'.join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
+                      if '.'.join(parts[:k]) in leaf_order), None)
+        order = leaf_order[owner] + 0.5 if owner is not None else end + len(g.sites)
+        g.sites[name] = ConvSite(name, mod, order=order)
 
 
 def _count_linear(model: nn.Module) -> int:

@@ -1,0 +1,49 @@
+"""timm entry points for the paper's architectures: ``timm.create_model('mobilenetv2_100_mdconv')`` and friends.
+
+Importing this module (``import mdplug`` does) registers ``<arch>_<kind>`` for the paper's ImageNet models
+(MobileNetV2 x0.5 / x1.0 with the pointwise convs of the inverted bottlenecks replaced, ResNet18 with the 3×3
+convs of its residual blocks replaced) and every kind in :data:`mdplug.nn.LAYERS`, so a timm training script
+that only takes ``--model NAME`` trains the paper's variants. Keyword arguments that the layer takes (``m``,
+``hidden_ratio``, ``num_experts``, ...) go to the layer; the rest go to the timm model.
+``timm.utils.reparameterize_model`` turns such a model into its compact form.
+"""
+from __future__ import annotations
+
+import timm
+from timm.models import register_model
+
+from mdplug.convert._layers import layer_keywords, layers
+from mdplug.convert.passes import convert
+
+__all__ = ['PAPER_ARCHS', 'registered_names']
+
+#: timm architecture -> the paper's select rule for it (section 4.1)
+PAPER_ARCHS = {
+    'mobilenetv2_050': 'pointwise',
+    'mobilenetv2_100': 'pointwise',
+    'resnet18': 'spatial',
+}
+
+
+def _make_entry(arch: str, kind: str, select: str):
+    def entry(pretrained: bool = False, **kwargs):
+        keys = layer_keywords(kind)
+        layer_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
+        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        return convert(model, kind, select=select, **layer_kwargs)
+
+    entry.__name__ = entry.__qualname__ = f'{arch}_{kind}'
+    entry.__module__ = __name__
+    entry.__doc__ = f'timm {arch} with its {select} convs replaced by {layers()[kind].__name__} (expanding form).'
+    return entry
+
+
+def registered_names() -> list:
+    """The entry point names this module registers."""
+    return [f'{a}_{k}' for a in PAPER_ARCHS for k in layers()]
+
+
+for _arch, _select in PAPER_ARCHS.items():
+    for _kind in layers():
+        _fn = _make_entry(_arch, _kind, _select)
+        globals()[_fn.__name__] = register_model(_fn)
