@@ -1,17 +1,16 @@
 """Parameters and MACs of a config's model in its expanding (training) and compact (deployed) forms.
 
-``python tools/analysis.py CONFIG [--shape H W]``. MACs are counted by mmengine's jit-based analyzer on one image of
-the config's ``input_shape`` (a multiply-add counts once).
+``python tools/analysis.py CONFIG [--shape H W]``. Counted by :mod:`mdplug.profile` on one image of the config's
+``input_shape``: parameters (BN statistics excluded) and multiply-accumulates of what actually runs, the compact
+dynamic layers' weight generation and attention included (the paper's "FLOPs").
 """
 import argparse
 import copy
 
-import torch
-from mmengine.analysis import FlopAnalyzer
 from mmengine.config import Config, DictAction
 
-from mdplug.convert import compact
-from mdplug.mmpretrain import runtime
+from mdplug.mmpretrain import compact_classifier, runtime
+from mdplug.profile import count_macs, count_params
 
 
 def parse_args():
@@ -22,14 +21,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def complexity(model, inputs):
-    """``(params, MACs)`` of ``model`` on ``inputs``."""
-    params = sum(p.numel() for p in model.parameters())
-    analyzer = FlopAnalyzer(model, inputs)
-    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return params, analyzer.total()
-
-
 def main():
     args = parse_args()
     cfg = Config.fromfile(args.config)
@@ -38,15 +29,15 @@ def main():
     channels, height, width = runtime.input_shape(cfg)
     if args.shape:
         height, width = args.shape
-    inputs = torch.randn(1, channels, height, width)
+    shape = (channels, height, width)
 
     expanding = runtime.build_model(cfg).eval()
-    compact_model = compact(copy.deepcopy(expanding), inplace=True).eval()
-    rows = [('expanding', *complexity(expanding, inputs)), ('compact', *complexity(compact_model, inputs))]
+    compact = compact_classifier(copy.deepcopy(expanding)).eval()
     print(f'{args.config}  input {channels}x{height}x{width}')
     print(f'{"form":<10} {"params":>14} {"MACs":>16}')
-    for form, params, macs in rows:
-        print(f'{form:<10} {params:>14,} {macs:>16,}  ({params / 1e6:.3f} M params, {macs / 1e6:.1f} M MACs)')
+    for form, model in (('expanding', expanding), ('compact', compact)):
+        params, macs = count_params(model), count_macs(model, shape)
+        print(f'{form:<10} {params:>14,} {macs:>16,}  ({params / 1e6:.2f} M params, {macs / 1e6:.0f} M MACs)')
 
 
 if __name__ == '__main__':

@@ -4,6 +4,8 @@
 - ``FashionMNISTIDX``: the IDX files of Fashion-MNIST, gzipped or raw (e.g. the Debian package
   ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``); never downloads.
 - ``PerClassSubset``: keep a random ``fraction`` of every class, with a fixed seed (paper Table 3).
+- ``LocalCIFAR10`` / ``LocalCIFAR100``: mmpretrain's CIFAR classes without the md5 check against the official
+  release, for re-packed or generated copies in the same pickled-batch format.
 - ``CenterPad``: zero-pad an image symmetrically to a fixed size (Fashion-MNIST 28x28 -> 32x32).
 """
 import gzip
@@ -11,7 +13,7 @@ import os.path as osp
 
 import numpy as np
 from mmcv.transforms import BaseTransform
-from mmpretrain.datasets import BaseDataset
+from mmpretrain.datasets import CIFAR10, CIFAR100, BaseDataset
 from mmpretrain.registry import DATASETS, TRANSFORMS
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -113,6 +115,37 @@ class FashionMNISTIDX(BaseDataset):
             raise ValueError(f'FashionMNISTIDX: {images.shape[0]} images but {labels.shape[0]} labels in '
                              f'{self.data_root}')
         return [dict(img=img[:, :, None], gt_label=int(label)) for img, label in zip(images, labels)]
+
+
+def _without_md5(entries):
+    return [[name, None] for name, _ in entries]
+
+
+@DATASETS.register_module()
+class LocalCIFAR10(CIFAR10):
+    """``CIFAR10`` reading the same ``cifar-10-batches-py`` files under ``data_root`` without checking their md5
+    sums against the official release (a generated or re-packed copy); never downloads."""
+
+    train_list = _without_md5(CIFAR10.train_list)
+    test_list = _without_md5(CIFAR10.test_list)
+    meta = dict(CIFAR10.meta, md5=None)
+
+    def __init__(self, data_root='', split='train', **kwargs):
+        kwargs['download'] = False
+        super().__init__(data_root=data_root, split=split, **kwargs)
+
+
+@DATASETS.register_module()
+class LocalCIFAR100(CIFAR100):
+    """``CIFAR100`` without the md5 check (see :class:`LocalCIFAR10`); never downloads."""
+
+    train_list = _without_md5(CIFAR100.train_list)
+    test_list = _without_md5(CIFAR100.test_list)
+    meta = dict(CIFAR100.meta, md5=None)
+
+    def __init__(self, data_root='', split='train', **kwargs):
+        kwargs['download'] = False
+        super().__init__(data_root=data_root, split=split, **kwargs)
 
 
 def per_class_indices(labels, fraction, seed=0):

@@ -12,26 +12,27 @@ import torch.nn as nn
 from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
 from mmengine.logging import HistoryBuffer
 
-from mdplug.convert import compact
 
 from .layers import LAYER_TYPES
-from .transform import CONVERTED, unwrap_converted
+from .transform import CONVERTED, compact_classifier, unwrap_converted
 
 DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 def allow_mmengine_checkpoints():
-    """Allow-list the few non-tensor types of mmengine checkpoints for ``torch.load(weights_only=True)``.
+    """Allow-list the few non-tensor globals of mmengine checkpoints for ``torch.load(weights_only=True)``.
 
-    Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``; mmengine (0.10.7) calls it without the argument,
-    so ``--resume`` and ``load_from`` fail on mmengine's own checkpoints, whose ``message_hub`` holds
-    ``HistoryBuffer`` objects of numpy arrays. Allow-listing exactly those keeps the safe loader.
+    Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``; mmengine 0.10.7 calls it without the
+    argument, so ``--resume`` and ``tools/test.py`` fail on mmengine's own checkpoints: their ``message_hub``
+    holds ``HistoryBuffer`` objects of numpy arrays and scalars (``numpy.dtypes.*DType``), and a ``HistoryBuffer`` pickles its statistics methods as
+    ``getattr(buffer, 'min')``. Allow-listing exactly these keeps the restricted unpickler (it still calls no
+    other global) instead of turning ``weights_only`` off.
     """
-    multiarray = getattr(np, '_core', np.core).multiarray
-    safe = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
-    safe += [type(np.dtype(name)) for name in ('float64', 'float32', 'int64', 'int32', 'bool')]
-    torch.serialization.add_safe_globals(safe)
+    multiarray = (getattr(np, '_core', None) or np.core).multiarray
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith('DType')]
+    torch.serialization.add_safe_globals(
+        [HistoryBuffer, np.ndarray, np.dtype, *dtype_classes, multiarray._reconstruct, multiarray.scalar, getattr])
 
 
 def load_state_dict(path):
@@ -146,7 +147,7 @@ def is_converted(cfg):
 def deploy(cfg, config_path, checkpoint):
     """Load ``checkpoint`` into ``cfg``'s model and re-parameterise it; returns ``(expanding, deployed, static)``.
 
-    ``deployed`` is :func:`mdplug.compact` of the model. When it has no mdplug layer left (MAConv) and the config
+    ``deployed`` is :func:`mdplug.compact` of the model (part by part, :func:`compact_classifier`). When it has no mdplug layer left (MAConv) and the config
     converts a backbone, ``static`` is the *static* config's model (``mdplug.Converted`` unwrapped) holding the
     compact weights (``mdplug.compact`` folds each fused bias into the BN that follows); otherwise ``static`` is
     None.
@@ -154,7 +155,7 @@ def deploy(cfg, config_path, checkpoint):
     expanding = build_model(cfg)
     load_strictly(expanding, load_state_dict(checkpoint), checkpoint, config_path)
     expanding.eval()
-    deployed = compact(copy.deepcopy(expanding), inplace=True).eval()
+    deployed = compact_classifier(copy.deepcopy(expanding)).eval()
     static = None
     if is_converted(cfg) and not has_mdplug_layers(deployed):
         static_cfg = copy.deepcopy(cfg)

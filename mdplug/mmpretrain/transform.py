@@ -61,17 +61,36 @@ def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), **convert_kw
     return model
 
 
-@MODELS.register_module(name='Compacted')
-def Compacted(model: dict) -> nn.Module:
-    """Build ``model`` and re-parameterise it into its compact (deploy) form with :func:`mdplug.compact`.
+def compact_classifier(model: nn.Module) -> nn.Module:
+    """:func:`mdplug.compact` of an mmpretrain classifier, in place, part by part.
 
-    Lets ``tools/test.py --deployed`` and ``tools/analysis.py`` build the structure that a compact checkpoint of
-    ``tools/deploy.py`` loads into.
+    The classifier's own ``forward`` (modes, data samples) does not trace with torch.fx, its backbone does; compacting
+    ``backbone``, ``neck`` and ``head`` separately lets the pass see which BN reads each fused MAConv and fold the
+    bias into it, so a compact MAConv classifier has the static classifier's exact state_dict keys.
+    """
+    for name in ('backbone', 'neck', 'head'):
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module) and any(isinstance(m, LAYER_TYPES) for m in part.modules()):
+            compact(part, inplace=True)
+    if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
+        compact(model, inplace=True)
+    return model
+
+
+@MODELS.register_module(name='Compacted')
+def Compacted(model: dict, data_preprocessor=None) -> nn.Module:
+    """Build ``model`` and re-parameterise it into its compact (deploy) form (:func:`compact_classifier`).
+
+    Lets ``tools/test.py --deployed`` build the structure that a compact checkpoint of ``tools/deploy.py`` loads
+    into. ``data_preprocessor`` (which the Runner passes to every model it builds) goes to the inner model.
     """
     from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
-    built = MMPRETRAIN_MODELS.build(copy.deepcopy(model))
+    model = copy.deepcopy(model)
+    if data_preprocessor is not None:
+        model.setdefault('data_preprocessor', data_preprocessor)
+    built = MMPRETRAIN_MODELS.build(model)
     built.eval()
-    return compact(built, inplace=True)
+    return compact_classifier(built)
 
 
 def unwrap_converted(model_cfg: dict) -> dict:
