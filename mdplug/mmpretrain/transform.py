@@ -7,11 +7,15 @@ layers that were not converted).
 """
 import copy
 import types
+import warnings
 
 import torch
 import torch.nn as nn
+from mmcv.cnn import ConvModule
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mdplug.convert import compact, convert
+from mdplug.convert.passes import ORIG_BIAS_ATTR, compact_with_notes, fold_bias_into_bn
 from mdplug.nn import LAYERS
 
 from .layers import LAYER_TYPES
@@ -61,17 +65,51 @@ def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), **convert_kw
     return model
 
 
-def compact_classifier(model: nn.Module) -> nn.Module:
-    """:func:`mdplug.compact` of an mmpretrain classifier, in place, part by part.
+def _norm_after_conv(module: ConvModule):
+    """The BN an mmcv ``ConvModule`` applies right after its conv, else None."""
+    order = list(module.order)
+    if not module.with_norm or order.index('norm') != order.index('conv') + 1:
+        return None
+    return module.norm if isinstance(module.norm, _BatchNorm) else None
 
-    The classifier's own ``forward`` (modes, data samples) does not trace with torch.fx, its backbone does; compacting
-    ``backbone``, ``neck`` and ``head`` separately lets the pass see which BN reads each fused MAConv and fold the
-    bias into it, so a compact MAConv classifier has the static classifier's exact state_dict keys.
+
+def compact_part(part: nn.Module) -> nn.Module:
+    """:func:`mdplug.compact` of one traceable-or-not module, in place.
+
+    ``mdplug.compact`` folds a fused MAConv bias into the BN that reads the conv's output when torch.fx shows that
+    BN is its only user. Backbones that do not trace (ShuffleNetV2: ``x.size()`` unpacking, ``chunk``) leave the
+    graph unknown; there a conv that is the ``conv`` of an mmcv ``ConvModule`` still feeds only the module's BN, so
+    the bias is folded into that BN here. Any other kept bias is reported as ``mdplug.compact`` reports it.
+    """
+    pending = {}
+    for name, module in part.named_modules():
+        if isinstance(module, ConvModule) and isinstance(module.conv, LAYER_TYPES) \
+                and getattr(module.conv, ORIG_BIAS_ATTR, True) is False and _norm_after_conv(module) is not None:
+            pending[f'{name}.conv' if name else 'conv'] = module
+    _, _, notes = compact_with_notes(part, inplace=True)
+    fixed = set()
+    for name, module in pending.items():
+        conv = module.conv
+        if type(conv) is nn.Conv2d and conv.bias is not None:
+            fold_bias_into_bn(conv, _norm_after_conv(module))
+            fixed.add(name)
+    for note in notes:
+        if note.split(':', 1)[0] not in fixed:
+            warnings.warn(note, stacklevel=2)
+    return part
+
+
+def compact_classifier(model: nn.Module) -> nn.Module:
+    """:func:`mdplug.compact` of an mmpretrain classifier, in place, part by part (:func:`compact_part`).
+
+    The classifier's own ``forward`` (modes, data samples) does not trace with torch.fx, its backbone may;
+    compacting ``backbone``, ``neck`` and ``head`` separately lets the pass see which BN reads each fused MAConv and
+    fold the bias into it, so a compact MAConv classifier has the static classifier's exact state_dict keys.
     """
     for name in ('backbone', 'neck', 'head'):
         part = getattr(model, name, None)
         if isinstance(part, nn.Module) and any(isinstance(m, LAYER_TYPES) for m in part.modules()):
-            compact(part, inplace=True)
+            compact_part(part)
     if any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         compact(model, inplace=True)
     return model
