@@ -199,12 +199,13 @@ class MultiLayerConv(ConvBase):
         z = self.expand(x)
         if self.norm == 'branch':
             z = self.expand_bn(z)
-        h = z[:, q:] if self.bypass else z
+        # split, not two slices: its backward is one cat instead of two zero-filled full-size gradients
+        z0, h = z.split([q, self.m], 1) if self.bypass else (None, z)
         y = self.project(self._mix(h, x))
         if self.norm == 'branch':
             y = self.project_bn(y)
-        if self.bypass:
-            y = y + z[:, :q]
+        if z0 is not None:
+            y = y + z0
         if self.norm == 'sum':
             y = self.sum_bn(y)
         elif self.norm == 'none' and self.bias is not None:

@@ -1,0 +1,359 @@
+"""Side-by-side speed benchmark: static vs MAConv, MDConv, DYConv (peer-style and mdplug), DCD, timm CondConv.
+
+Every variant of one model is built from the same static network and changes the same convs (the paper's choice:
+pointwise convs of MobileNetV2, the 3×3 convs of ResNet's blocks; ``--select`` overrides).  All variants run in
+one process and are timed round-robin (one call of each in turn, ``--repeats`` rounds after ``--warmup``), so
+load from other processes falls on all of them alike; the tables give the median, the spread (min–max) and the
+ratio of medians to the static model.  Training steps (forward + backward + SGD step) also report the peak
+memory allocated during one step (torch profiler's allocator counter).
+
+    python tools/benchmark.py                              # mobilenetv2_100 and resnet18, batch 1 8 32
+    python tools/benchmark.py --model resnet50 --batch 8 --out /tmp/b.md --plot /tmp/b.png
+    python tools/benchmark.py --quick                      # 1 model, few repeats: a smoke run
+
+Writes ``docs/benchmarks.md`` and ``docs/benchmarks.png`` (``--out``, ``--plot``) and optionally ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
+
+import mdplug  # noqa: E402
+from mdplug.convert import compact, convert, plan  # noqa: E402
+from mdplug.convert.checkpoint import build_model  # noqa: E402
+
+INFER = ('static', 'maconv compact', 'mdconv compact (weight)', 'mdconv compact (factorized)',
+         'mdconv compact (auto)', 'dyconv peer-style (groups=B)', 'dyconv mdplug', 'dcd compact (auto)',
+         'condconv timm')
+TRAIN = ('static', 'maconv expanding', 'mdconv expanding', 'dyconv peer-style (groups=B)', 'dyconv mdplug')
+
+
+def default_select(model_name: str) -> str:
+    """The paper's placement: 3×3 convs of ResNet blocks (Table 2), pointwise convs elsewhere (Table 1)."""
+    return 'spatial' if 'resnet' in model_name.lower() else 'pointwise'
+
+
+def _set_path(model: nn.Module, path: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, (mdplug.MDConv2d, mdplug.DCDConv2d, mdplug.DYConv2d)):
+            m.path = path
+    return model
+
+
+def build_inference(static: nn.Module, select: str, names: Sequence[str], variants: Sequence[str]):
+    """Eval-mode models by variant name, all made from (copies of) ``static``."""
+    def ours(kind: str, path: Optional[str] = None) -> nn.Module:
+        m = compact(convert(copy.deepcopy(static), kind=kind, select=select)).eval()
+        return _set_path(m, path) if path else m
+
+    makers = {
+        'static': lambda: copy.deepcopy(static).eval(),
+        'maconv compact': lambda: ours('maconv'),
+        'mdconv compact (weight)': lambda: ours('mdconv', 'weight'),
+        'mdconv compact (factorized)': lambda: ours('mdconv', 'factorized'),
+        'mdconv compact (auto)': lambda: ours('mdconv', 'auto'),
+        'dyconv peer-style (groups=B)': lambda: swap_convs(copy.deepcopy(static), names, PeerDYConv2d).eval(),
+        'dyconv mdplug': lambda: ours('dyconv'),
+        'dcd compact (auto)': lambda: ours('dcd'),
+        'condconv timm': lambda: swap_convs(copy.deepcopy(static), names, TimmCondConv).eval(),
+    }
+    return {v: makers[v]() for v in variants}
+
+
+def build_train(static: nn.Module, select: str, names: Sequence[str], variants: Sequence[str]):
+    makers = {
+        'static': lambda: copy.deepcopy(static),
+        'maconv expanding': lambda: convert(copy.deepcopy(static), kind='maconv', select=select),
+        'mdconv expanding': lambda: convert(copy.deepcopy(static), kind='mdconv', select=select),
+        'dyconv peer-style (groups=B)': lambda: swap_convs(copy.deepcopy(static), names, PeerDYConv2d),
+        'dyconv mdplug': lambda: convert(copy.deepcopy(static), kind='dyconv', select=select),
+    }
+    return {v: makers[v]().train() for v in variants}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
+
+
+def peak_step_memory(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated (and not yet freed) during one call of ``fn``, from the profiler's allocator counter."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix='.json')
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)['traceEvents']
+    finally:
+        os.remove(path)
+    totals = [e['args']['Total Allocated'] for e in events if e.get('name') == '[memory]']
+    return int(max(totals) - totals[0]) if totals else 0
+
+
+def time_round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int, bar) -> Dict[str, List[float]]:
+    """Seconds per call of each function, measured one call of each in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            bar.update(1)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            bar.update(1)
+    return times
+
+
+def summarise(ts: List[float]) -> dict:
+    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), n=len(ts))
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import timm
+    return dict(cpu=cpu, logical_cpus=os.cpu_count(), threads=threads, torch=torch.__version__,
+                timm=timm.__version__, mdplug=mdplug.__version__, python=platform.python_version(),
+                date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))
+
+
+def wait_for_quiet(limit: float, max_wait: float) -> None:
+    if limit <= 0 or not hasattr(os, 'getloadavg'):
+        return
+    t0 = time.time()
+    while os.getloadavg()[0] > limit and time.time() - t0 < max_wait:
+        print(f'load average {os.getloadavg()[0]:.2f} > {limit}; waiting', file=sys.stderr)
+        time.sleep(20)
+
+
+def run_model(name: str, args, bar) -> dict:
+    static = build_model(name)
+    select = args.select or default_select(name)
+    size = (3, args.size, args.size)
+    example = torch.randn(1, *size)
+    names = plan(static, 'dyconv', select, example_inputs=example).names
+    out = dict(model=name, select=select, converted=len(names), input=list(size), infer={}, train={})
+    variants = [v for v in INFER if v in args.variants] if args.variants else list(INFER)
+    models = build_inference(static, select, names, variants)
+    for b in args.batch:
+        x = torch.randn(b, *size)
+        with torch.inference_mode():
+            fns = {v: (lambda m=m: m(x)) for v, m in models.items()}
+            times = time_round_robin(fns, args.warmup, args.repeats, bar)
+        out['infer'][b] = {v: summarise(t) for v, t in times.items()}
+    del models
+    tvariants = [v for v in TRAIN if v in args.train_variants] if args.train_variants else list(TRAIN)
+    for b in args.train_batch:
+        x = torch.randn(b, *size)
+        target = torch.randint(0, 1000, (b,))
+        fns = {v: train_step(m, x, target) for v, m in build_train(static, select, names, tvariants).items()}
+        times = time_round_robin(fns, 1, args.train_repeats, bar)
+        res = {v: summarise(t) for v, t in times.items()}
+        for v, fn in fns.items():
+            res[v]['peak_bytes'] = peak_step_memory(fn)
+            bar.update(1)
+        out['train'][b] = res
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+def _cell(s: dict, base: dict) -> str:
+    ms = s['median'] * 1e3
+    return f"{ms:.1f} ({s['min'] * 1e3:.1f}–{s['max'] * 1e3:.1f}) **×{s['median'] / base['median']:.2f}**"
+
+
+def targets(r: dict) -> List[str]:
+    """The issue's targets that this model's results speak to, each with its measured value."""
+    lines = []
+    inf = r['infer']
+
+    def ratio(b, v, w='static'):
+        if b in inf and v in inf[b] and w in inf[b]:
+            return inf[b][v]['median'] / inf[b][w]['median']
+        return None
+
+    def check(label, value, limit):
+        if value is not None:
+            lines.append(f"- {label}: {value:.3f} (target ≤ {limit}) — {'met' if value <= limit else 'MISSED'}")
+
+    for b in (1, 32):
+        check(f'MAConv compact / static, batch {b}', ratio(b, 'maconv compact'), 1.02)
+    check('MDConv compact (auto) / static, batch 32', ratio(32, 'mdconv compact (auto)'), 1.15)
+    check('MDConv compact (auto) / static, batch 1', ratio(1, 'mdconv compact (auto)'), 1.25)
+    for b in sorted(inf):
+        check(f'MDConv compact (auto) / DYConv peer-style, batch {b}',
+              ratio(b, 'mdconv compact (auto)', 'dyconv peer-style (groups=B)'), 0.8)
+        check(f'MDConv compact (auto) / DCD compact, batch {b}', ratio(b, 'mdconv compact (auto)', 'dcd compact (auto)'),
+              1.0)
+        check(f'MDConv compact (auto) / timm CondConv, batch {b}', ratio(b, 'mdconv compact (auto)', 'condconv timm'),
+              1.0)
+    tr = r['train'].get(32, {})
+    if 'static' in tr and 'mdconv expanding' in tr:
+        check('MDConv expanding train step / static, batch 32', tr['mdconv expanding']['median']
+              / tr['static']['median'], 1.8)
+        check('MDConv expanding peak step memory / static, batch 32', tr['mdconv expanding']['peak_bytes']
+              / max(tr['static']['peak_bytes'], 1), 1.6)
+    return lines
+
+
+def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> str:
+    lines = ['# Benchmarks', '',
+             f"Generated by `python tools/benchmark.py {' '.join(argv)}` on {info['date']}.", '',
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, `torch.set_num_threads({info['threads']})`;"
+             f" torch {info['torch']}, timm {info['timm']}, mdplug {info['mdplug']}, Python {info['python']}. "
+             f"1-minute load average {load[0]:.2f} at the start and {load[1]:.2f} at the end.", '',
+             'Method: every variant is built from the same randomly initialised static model and changes the same '
+             'convs; all run in one process, timed round-robin (one call of each in turn). Cells: median ms '
+             '(min–max over the repeats) and **the ratio of medians to static**. Inference: eval mode, '
+             '`torch.inference_mode()`, NCHW float32. Training step: forward + cross-entropy + backward + SGD '
+             'step, train mode; peak memory is the most bytes allocated and not yet freed during one step '
+             '(torch profiler allocator counter; parameters and the input are allocated before the step and not '
+             'counted). "dyconv peer-style (groups=B)" is `tools/peers.py`: the per-sample aggregated kernels '
+             'run as one grouped conv with groups=B, as public DYConv code does; "condconv timm" is '
+             "`timm.layers.CondConv2d` behind CondConv's sigmoid routing (4 experts).", '']
+    for r in results:
+        lines += [f"## {r['model']} (select={r['select']}: {r['converted']} convs replaced; input "
+                  f"{'×'.join(map(str, r['input']))})", '']
+        if r['infer']:
+            bs = sorted(r['infer'])
+            lines += ['### Inference (forward)', '', '| variant | ' + ' | '.join(f'batch {b}' for b in bs) + ' |',
+                      '|---' * (len(bs) + 1) + '|']
+            for v in next(iter(r['infer'].values())):
+                lines.append(f'| {v} | ' + ' | '.join(_cell(r['infer'][b][v], r['infer'][b]['static']) for b in bs)
+                             + ' |')
+            lines.append('')
+        for b, res in sorted(r['train'].items()):
+            base = res['static']
+            lines += [f'### Training step, batch {b}', '', '| variant | ms (min–max) ×static | peak MB | ×static |',
+                      '|---|---|---|---|']
+            for v, s in res.items():
+                lines.append(f"| {v} | {_cell(s, base)} | {s['peak_bytes'] / 2**20:.0f} | "
+                             f"×{s['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
+            lines.append('')
+        t = targets(r)
+        if t:
+            lines += ['### Targets (issue 5)', ''] + t + ['']
+    return '\n'.join(lines)
+
+
+def plot(results: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 4 * len(results)), squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        bs = sorted(r['infer'])
+        if not bs:
+            continue
+        variants = list(r['infer'][bs[0]])
+        width = 0.8 / len(bs)
+        for i, b in enumerate(bs):
+            ratios = [r['infer'][b][v]['median'] / r['infer'][b]['static']['median'] for v in variants]
+            ax.bar([j + i * width for j in range(len(variants))], ratios, width, label=f'batch {b}')
+        ax.axhline(1.0, color='k', lw=0.8)
+        ax.set_xticks([j + width * (len(bs) - 1) / 2 for j in range(len(variants))])
+        ax.set_xticklabels([v.replace(' (', '\n(') for v in variants], fontsize=7)
+        ax.set_ylabel('time / static')
+        ax.set_title(f"{r['model']} inference, select={r['select']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--model', action='append', help='timm name or torchvision:NAME (repeatable); '
+                   'default mobilenetv2_100 and resnet18')
+    p.add_argument('--select', choices=('pointwise', 'spatial', 'all'), help='default: the paper\'s placement')
+    p.add_argument('--batch', type=int, nargs='+', default=[1, 8, 32], help='inference batch sizes')
+    p.add_argument('--train-batch', type=int, nargs='*', default=[32], help='training-step batch sizes')
+    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--train-repeats', type=int, default=5)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--variants', nargs='*', help=f'inference variants (default all): {", ".join(INFER)}')
+    p.add_argument('--train-variants', nargs='*', help=f'training variants (default all): {", ".join(TRAIN)}')
+    p.add_argument('--wait-load', type=float, default=0.0, metavar='L',
+                   help='first wait (up to --wait-max s) until the 1-minute load average is below L')
+    p.add_argument('--wait-max', type=float, default=1800)
+    p.add_argument('--quick', action='store_true', help='smoke run: mobilenetv2_100 at 128², few repeats')
+    p.add_argument('--out', default='docs/benchmarks.md')
+    p.add_argument('--plot', default='docs/benchmarks.png')
+    p.add_argument('--json', help='also write the raw numbers here')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.model = args.model or ['mobilenetv2_100']
+        args.size, args.warmup, args.repeats, args.train_repeats = 128, 1, 3, 2
+        args.batch, args.train_batch = [1, 8], [8]
+    args.model = args.model or ['mobilenetv2_100', 'resnet18']
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    from tqdm import tqdm
+    n_inf = len(args.variants or INFER) * len(args.batch) * (args.warmup + args.repeats)
+    n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (1 + args.train_repeats + 1)
+    wait_for_quiet(args.wait_load, args.wait_max)
+    load0 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    results = []
+    with tqdm(total=len(args.model) * (n_inf + n_train), unit='call', desc='benchmark') as bar:
+        for name in args.model:
+            bar.set_postfix_str(name)
+            results.append(run_model(name, args, bar))
+    load1 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    info = machine_info(args.threads)
+    text = markdown(results, info, argv, (load0, load1))
+    for path in (args.out, args.plot, args.json):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(args.out, 'w') as f:
+        f.write(text + '\n')
+    if args.plot:
+        plot(results, args.plot)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(info=info, load=[load0, load1], results=results), f, indent=1)
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
