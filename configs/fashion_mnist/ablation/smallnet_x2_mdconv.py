@@ -1,0 +1,4 @@
+# Fashion-MNIST analogue of Table 10: SmallNet x2 (width of all layers but the stem), MDConv
+# not in the paper: run by tools/reproduce.py
+_base_ = '../smallnet_x1_mdconv.py'
+model = dict(backbone=dict(backbone=dict(widen_factor=2)), head=dict(in_channels=128))
