@@ -49,3 +49,19 @@ def test_tiny_suite_trains_deploys_evaluates_and_reports(tmp_path):
     out = reproduce(tmp_path)
     assert '2/2 runs already finished; 0 to run' in out
     assert 'A hand-written note.' in (tmp_path / 'results.md').read_text()
+
+
+def test_evaluation_uses_the_temperature_training_ended_with():
+    """A DYConv checkpoint does not carry the annealed temperature; tools/test.py sets the hook's ``end``."""
+    from mmengine.config import Config
+
+    from mdplug.mmpretrain import runtime
+
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'fashion_mnist', 'smallnet_x1_dyconv.py'))
+    model = runtime.build_model(cfg)
+    temperatures = lambda: {m.attention.temperature for m in model.modules() if hasattr(m, 'set_temperature')}  # noqa
+    assert temperatures() == {30.0}
+    assert runtime.set_trained_temperature(model, cfg) == 3
+    assert temperatures() == {1.0}
+    static = Config.fromfile(osp.join(ROOT, 'configs', 'fashion_mnist', 'smallnet_x1_static.py'))
+    assert runtime.set_trained_temperature(runtime.build_model(static), static) == 0

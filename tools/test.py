@@ -52,6 +52,7 @@ def main():
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     runtime.load_strictly(model, runtime.load_state_dict(args.checkpoint), args.checkpoint, args.config)
+    runtime.set_trained_temperature(model, cfg)  # not in the checkpoint
     metrics = runner.test()
     if args.out and runner.rank == 0:
         import json

@@ -120,6 +120,22 @@ def setup_distributed(cfg, launcher):
     cfg.model_wrapper_cfg = wrapper
 
 
+def set_trained_temperature(model, cfg):
+    """Give ``model`` the softmax temperature its training ended with: ``TemperatureAnnealHook``'s ``end``.
+
+    The temperature is a plain attribute of the layers, not a buffer, so a checkpoint does not carry it and a model
+    built from the config starts at the layers' initial temperature (DYConv: 30) -- evaluating a trained DYConv
+    there gives near-chance accuracy. Returns how many layers were set (0 when the config has no such hook). A
+    checkpoint saved before the annealing finished is evaluated at ``end`` too.
+    """
+    from .hooks import TemperatureAnnealHook
+
+    hooks = [h for h in cfg.get('custom_hooks') or [] if str(h.get('type', '')).endswith('TemperatureAnnealHook')]
+    if not hooks:
+        return 0
+    return TemperatureAnnealHook.set_temperature(model, float(hooks[-1].get('end', 1.0)))
+
+
 def input_shape(cfg):
     """``(C, H, W)`` of the config's images (``input_shape`` of the dataset base config; ImageNet by default)."""
     return tuple(cfg.get('input_shape', (3, 224, 224)))
