@@ -145,7 +145,10 @@ def call_tool(argv):
 
 
 def read_curve(work_dir):
-    """Test accuracy per epoch from mmengine's ``vis_data/scalars.json`` (later runs of a resumed job win)."""
+    """Test accuracy of epoch 1, 2, ... from mmengine's ``vis_data/scalars.json`` of every (resumed) run.
+
+    None for an epoch whose validation was interrupted (its checkpoint is saved first, so a resumed job skips it).
+    """
     curve = {}
     for stamp in sorted(os.listdir(work_dir)):
         path = osp.join(work_dir, stamp, 'vis_data', 'scalars.json')
@@ -156,7 +159,7 @@ def read_curve(work_dir):
                 record = json.loads(line)
                 if 'accuracy/top1' in record:
                     curve[int(record['step'])] = record['accuracy/top1']
-    return [curve[e] for e in sorted(curve)]
+    return [curve.get(e) for e in range(1, max(curve, default=0) + 1)]
 
 
 def read_json(path):
@@ -404,9 +407,11 @@ def plot_curves(results, path, keys=('static', 'maconv', 'mdconv', 'dcd')):
         curves = [r['curve'] for r in results.get(key, []) if r.get('curve')]
         if not curves:
             continue
-        n = min(len(c) for c in curves)
-        epochs = list(range(1, n + 1))
-        per_epoch = [[c[i] for c in curves] for i in range(n)]
+        epochs, per_epoch = [], []
+        for i in range(max(len(c) for c in curves)):
+            values = [c[i] for c in curves if i < len(c) and c[i] is not None]
+            if values:
+                epochs.append(i + 1), per_epoch.append(values)
         ax.plot(epochs, [statistics.mean(v) for v in per_epoch], marker='o',
                 label=f'{EXPERIMENTS[key].label} (n={len(curves)})')
         ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
