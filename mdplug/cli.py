@@ -4,6 +4,8 @@
 path; random weights), converts it, prints params and MACs of the static, expanding and compact forms and the
 largest |Δ| between the expanding model (eval mode, random BN statistics) and its compact form.
 ``mdplug compact --checkpoint IN --out OUT`` turns an expanding checkpoint into a compact one.
+``mdplug export --model NAME --kind K --onnx OUT.onnx`` writes the compact form as ONNX with a dynamic batch axis
+and checks it with onnxruntime at batch 1, 3 and 16.
 Bad input prints one line and exits with status 2. Heavy imports happen inside the commands.
 """
 from __future__ import annotations
@@ -40,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('--out', help='write a checkpoint of the converted model (see --form)')
     c.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
     c.add_argument('-v', '--verbose', action='store_true', help='list every conv and why it was replaced or kept')
+
+    e = sub.add_parser('export', help='export the compact form to ONNX (dynamic batch) and check it with onnxruntime')
+    e.add_argument('--model', required=True, help='timm name, torchvision:NAME, or an mmpretrain config path')
+    e.add_argument('--kind', default='mdconv', choices=KINDS)
+    e.add_argument('--onnx', required=True, metavar='OUT.onnx', help='ONNX file to write')
+    e.add_argument('--select', default='pointwise', choices=('pointwise', 'spatial', 'all'))
+    e.add_argument('--m', type=int, default=None, help='intermediate channels m (mdconv, maconv, dcd)')
+    e.add_argument('--checkpoint', help='an mdplug checkpoint (expanding or compact) to export instead')
+    e.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    e.add_argument('--opset', type=int, default=17)
+    e.add_argument('--check-batch', type=int, nargs='*', default=[1, 3, 16], metavar='B',
+                   help='batch sizes to compare onnxruntime with PyTorch at (none: skip the check)')
+    e.add_argument('--json', action='store_true')
 
     k = sub.add_parser('compact', help='turn an expanding checkpoint into a compact one')
     k.add_argument('--checkpoint', required=True)
@@ -227,10 +242,32 @@ def cmd_compact(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from mdplug.export import export_model
+    layer_kwargs = {} if a.m is None else {'m': a.m}
+    try:
+        r = export_model(a.model, a.kind, a.onnx, select=a.select, input_size=a.input_size, checkpoint=a.checkpoint,
+                         check_batches=a.check_batch, opset=a.opset, **layer_kwargs)
+    except ImportError as e:
+        raise UsageError(f'{_one_line(e)}; install the export extra: pip install -e ".[export]"') from e
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from e
+    worst = max(r['rel_err'].values(), default=0.0)
+    r['ok'] = worst <= 1e-4
+    if a.json:
+        print(json.dumps(r))
+    else:
+        checks = ', '.join(f'batch {b}: {err:.2g}' for b, err in r['rel_err'].items()) or 'skipped'
+        print(f"{r['model']} ({r['kind']}, compact) -> {r['onnx']} (input batch×{'×'.join(map(str, r['input_size']))},"
+              f" dynamic batch); onnxruntime vs PyTorch, relative max |Δ|: {checks} -> "
+              f"{'OK' if r['ok'] else 'MISMATCH'}")
+    return 0 if r['ok'] else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {'convert': cmd_convert, 'compact': cmd_compact}[args.command](args)
+        return {'convert': cmd_convert, 'compact': cmd_compact, 'export': cmd_export}[args.command](args)
     except UsageError as e:
         print(f'mdplug {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -15,6 +15,16 @@ PATHS = ('auto', 'weight', 'factorized')
 NORMS = ('branch', 'sum', 'none')
 
 
+def tracing_for_export() -> bool:
+    """True while a model is being traced for export or compilation (ONNX, ``torch.export``, ``torch.compile``,
+    ``torch.jit.trace``).
+
+    The layers then avoid executions that bake the batch size into the graph (a grouped conv with
+    ``groups = B``) and take a batch-agnostic one that computes the same function.
+    """
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
 def _pair(v) -> Tuple[int, int]:
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
@@ -86,6 +96,10 @@ class ConvBase(nn.Module):
     def _is_pointwise(self) -> bool:
         return self.kernel_size == (1, 1) and (self.padding in ('valid', 'same') or self.padding == (0, 0))
 
+    def per_sample_conv_is_batch_agnostic(self) -> bool:
+        """Whether :meth:`per_sample_conv` runs as a ``bmm`` (any batch) rather than a conv with groups=B."""
+        return self._is_pointwise() and self.groups == 1
+
     def per_sample_conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """Convolve each sample with its own kernel in one batched call (the compact form's execution).
 
@@ -94,7 +108,7 @@ class ConvBase(nn.Module):
         from ``x`` at every call, never stored.
         """
         b, q = weight.shape[0], weight.shape[1]
-        if self._is_pointwise() and self.groups == 1:
+        if self.per_sample_conv_is_batch_agnostic():
             sh, sw = self.stride
             if sh > 1 or sw > 1:
                 x = x[:, :, ::sh, ::sw]

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_
+from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_,
+                      tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -231,6 +232,29 @@ class MultiLayerConv(ConvBase):
         kk = self.kernel_size[0] * self.kernel_size[1]
         oh, ow = self._out_hw(x.shape[-2], x.shape[-1])
         return 'weight' if q * m * p * kk <= (m * p * kk + q * m) * oh * ow else 'factorized'
+
+    def compact_path(self, x: Tensor) -> str:
+        """The path the compact forward takes: :meth:`choose_path`, except that while tracing for export a k×k
+        ``'weight'`` path (a grouped conv with groups=B) becomes ``'factorized'``, so the graph keeps a dynamic
+        batch axis.  Both compute the same function."""
+        path = self.choose_path(x)
+        if path == 'weight' and not self.per_sample_conv_is_batch_agnostic() and tracing_for_export():
+            return 'factorized'
+        return path
+
+    def _dynamic_kernel_bias(self, left: Tensor, coeff_b1: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Eq. 6–7 from ``left = W2'·A(x)`` (B, q, m): ``W(x) = left·W1' + W0'`` as one matmul over the batch,
+        reshaped to (B, q, p, kh, kw), and ``b(x) = coeff_b1 + b'`` where ``coeff_b1`` = W2'·A(x)·b1' (B, q) or None.
+        """
+        b, q = left.shape[0], self.out_channels
+        weight = torch.matmul(left, self.weight1.reshape(self.m, -1))
+        if self.weight is not None:
+            weight = weight + self.weight.reshape(q, -1)
+        weight = weight.reshape((b, q) + tuple(self.weight1.shape[1:]))
+        bias = coeff_b1
+        if self.bias is not None:
+            bias = self.bias.expand(b, q) if bias is None else bias + self.bias
+        return weight, bias
 
     def _factorized_first(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """One conv computing W0'⊛x (q channels, no bias) and W1'⊛x + b1' (m channels)."""

@@ -5,6 +5,7 @@ The paper compares MDConv with DCD by replacing the diagonal attention A(x) with
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import fusion
@@ -44,6 +45,12 @@ class DCDConv2d(MDConv2d):
     def _apply_coefficients(self, h: Tensor, phi: Tensor) -> Tensor:
         b, m, hh, ww = h.shape
         return (phi @ h.reshape(b, m, hh * ww)).reshape(b, m, hh, ww)
+
+    def _compact_kernel_bias(self, phi: Tensor):
+        """Eq. 6–7 with Φ: ``left = W2'·Φ(x)`` (B, q, m), then one matmul for the kernels."""
+        left = torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
+        coeff_b1 = None if self.bias1 is None else torch.matmul(left, self.bias1)
+        return self._dynamic_kernel_bias(left, coeff_b1)
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_
+from ._common import (PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_,
+                      tracing_for_export)
 
 
 class DYConv2d(ConvBase):
@@ -83,7 +84,8 @@ class DYConv2d(ConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.dynamic_coefficients(x)
-        if self.path == 'factorized':
+        # while tracing for export, a k×k per-sample conv (groups=B) would bake the batch into the graph
+        if self.path == 'factorized' or (not self.per_sample_conv_is_batch_agnostic() and tracing_for_export()):
             k, q = self.num_experts, self.out_channels
             bias = None if self.bias is None else self.bias.reshape(-1)
             y = self._conv(x, self.weight.reshape((k * q,) + tuple(self.weight.shape[2:])), bias, self.groups

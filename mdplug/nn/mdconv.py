@@ -74,13 +74,18 @@ class MDConv2d(MultiLayerConv):
 
     def forward_compact(self, x: Tensor) -> Tensor:
         coeff = self.dynamic_coefficients(x)
-        if self.choose_path(x) == 'weight':
-            fb = self.folded_branches()
-            weight, bias = self._kernel_bias(fb, coeff)
+        if self.compact_path(x) == 'weight':
+            weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
         z0, h = self._factorized_first(x)
         y = self._conv_project(self._apply_coefficients(h, coeff))
         return y if z0 is None else y + z0
+
+    def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Eq. 6–7 from the stored compact parameters with few ops: A scales the columns of W2' (broadcast)."""
+        w2 = self.weight2.reshape(self.out_channels, self.m)
+        coeff_b1 = None if self.bias1 is None else (coeff * self.bias1) @ w2.t()
+        return self._dynamic_kernel_bias(w2 * coeff.unsqueeze(1), coeff_b1)
 
     def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
         return h * coeff[:, :, None, None]
