@@ -1,0 +1,127 @@
+"""Every execution path computes the same function (correctness only; speed is tools/benchmark.py's business)."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_bn, rel_err
+from mdplug.nn import DCDConv2d, DYConv2d, MAConv2d, MDConv2d
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
+from peers import PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
+
+GEOMETRIES = [  # (p, q, k, stride, padding)
+    (8, 12, 1, 1, 0),
+    (8, 12, 1, 2, 0),
+    (6, 10, 3, 1, 1),
+    (6, 10, 3, 2, 1),
+]
+
+
+def _compact(layer: nn.Module) -> nn.Module:
+    layer = randomize_bn(layer).eval()
+    layer.switch_to_deploy()
+    return layer
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
+@pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
+@pytest.mark.parametrize('norm,bypass', [('branch', True), ('sum', True), ('none', False)])
+def test_compact_paths_equal_expanding(cls, p, q, k, s, pad, norm, bypass):
+    """'weight', 'factorized' and 'auto' all give the expanding form's eval output, at batch 1 and 5."""
+    expanding = randomize_bn(cls(p, q, k, s, pad, m=7, norm=norm, bypass=bypass)).eval()
+    compact = _compact(copy.deepcopy(expanding))
+    for b in (1, 5):
+        x = torch.randn(b, p, 9, 9)
+        with torch.no_grad():
+            want = expanding(x)
+            for path in ('weight', 'factorized', 'auto'):
+                compact.path = path
+                assert rel_err(compact(x), want) < 1e-5, (path, b)
+
+
+@pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
+@pytest.mark.parametrize('groups', [1, 2])
+def test_dyconv_paths_equal(p, q, k, s, pad, groups):
+    layer = DYConv2d(p, q, k, s, pad, groups=groups).eval()
+    x = torch.randn(3, p, 9, 9)
+    with torch.no_grad():
+        layer.path = 'weight'
+        want = layer(x)
+        layer.path = 'factorized'
+        assert rel_err(layer(x), want) < 1e-5
+
+
+def test_expanding_split_has_reference_gradients():
+    """The expanding form (one conv for W0 and W1, one split) has the gradients of separate convs and BNs."""
+    layer = MDConv2d(6, 10, 3, 1, 1, m=5).train()
+    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+    layer(x).square().sum().backward()
+    q = layer.out_channels
+    w = layer.expand.weight.detach()
+    w0 = w[:q].clone().requires_grad_()
+    w1 = w[q:].clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    bn = layer.expand_bn
+    bn0 = nn.functional.batch_norm(nn.functional.conv2d(x2, w0, None, 1, 1), None, None, bn.weight[:q].detach(),
+                                   bn.bias[:q].detach(), True)
+    h = nn.functional.batch_norm(nn.functional.conv2d(x2, w1, None, 1, 1), None, None, bn.weight[q:].detach(),
+                                 bn.bias[q:].detach(), True)
+    a = layer.attention(x2)
+    u = nn.functional.conv2d(h * a[:, :, None, None], layer.project.weight.detach())
+    pb = layer.project_bn
+    y = nn.functional.batch_norm(u, None, None, pb.weight.detach(), pb.bias.detach(), True) + bn0
+    y.square().sum().backward()
+    assert rel_err(layer.expand.weight.grad[:q], w0.grad) < 1e-5
+    assert rel_err(layer.expand.weight.grad[q:], w1.grad) < 1e-5
+    assert rel_err(x.grad, x2.grad) < 1e-5
+
+
+@pytest.mark.filterwarnings('ignore::FutureWarning')  # torch.jit.trace is deprecated; the exporter still uses it
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d, DYConv2d])
+def test_trace_is_batch_agnostic(cls):
+    """While tracing, a k×k per-sample conv takes the batch-agnostic path: a trace at batch 2 runs at batch 5."""
+    layer = cls(6, 10, 3, 1, 1)
+    if layer.__class__ is not DYConv2d:
+        layer = _compact(layer)
+        layer.path = 'weight'
+    else:
+        layer.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 6, 9, 9), check_trace=False)
+        x = torch.randn(5, 6, 9, 9)
+        assert rel_err(traced(x), layer(x)) < 1e-5
+
+
+def test_maconv_compact_is_a_conv():
+    layer = randomize_bn(MAConv2d(8, 12, 3, 1, 1)).eval()
+    conv = layer.fuse()
+    assert type(conv) is nn.Conv2d
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert rel_err(conv(x), layer(x)) < 1e-5
+
+
+# -- the benchmark's reference layers (tools/peers.py) ---------------------------------------------------------
+@pytest.mark.parametrize('k,groups', [(1, 1), (3, 1), (3, 2)])
+def test_peer_dyconv_matches_mdplug_dyconv(k, groups):
+    """The peer-style DYConv (grouped conv with groups=B) computes what mdplug's DYConv2d computes."""
+    conv = nn.Conv2d(6, 8, k, 1, k // 2, groups=groups)
+    peer = PeerDYConv2d(conv).eval()
+    ours = DYConv2d.from_conv(conv).eval()
+    with torch.no_grad():
+        ours.weight.copy_(peer.weight)
+        ours.bias.copy_(peer.bias)
+        ours.attention.fc1.load_state_dict(peer.fc1.state_dict())
+        ours.attention.fc2.load_state_dict(peer.fc2.state_dict())
+        x = torch.randn(3, 6, 9, 9)
+        assert rel_err(peer(x), ours(x)) < 1e-5
+
+
+def test_timm_condconv_wrapper_runs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    swap_convs(model, ['0', '2'], TimmCondConv)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
