@@ -47,7 +47,7 @@ def test_tiny_suite_trains_deploys_evaluates_and_reports(tmp_path):
     # resumable: a second call finds every run finished and only rewrites the report, keeping hand-written text
     (tmp_path / 'results.md').write_text(text.replace('## Set-up', 'A hand-written note.\n\n## Set-up'))
     out = reproduce(tmp_path)
-    assert '2/2 runs already finished; 0 to run' in out
+    assert '2/2 runs already finished, 0 running in another process; 0 to run' in out
     assert 'A hand-written note.' in (tmp_path / 'results.md').read_text()
 
 

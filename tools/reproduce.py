@@ -204,6 +204,17 @@ def run_experiment(args, exp, seed):
     return result
 
 
+def running_elsewhere(args, key, seed):
+    """Whether another ``tools/reproduce.py`` is running this (experiment, seed) now (its ``worker.pid`` lives)."""
+    path = osp.join(args.work_dir, key, f'seed{seed}', 'worker.pid')
+    try:
+        with open(path) as f:
+            os.kill(int(f.read()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def spawn_experiment(args, exp, seed):
     """Run :func:`run_experiment` in a child process (``--worker``), its output in the run's ``reproduce.log``."""
     wd = osp.join(args.work_dir, exp.key, f'seed{seed}')
@@ -211,8 +222,11 @@ def spawn_experiment(args, exp, seed):
     log_path = osp.join(wd, 'reproduce.log')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with open(log_path, 'a') as log:
-        proc = subprocess.run([sys.executable, osp.abspath(__file__), '--worker', exp.key, str(seed)] + args.argv,
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, osp.abspath(__file__), '--worker', exp.key, str(seed)] + args.argv,
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(osp.join(wd, 'worker.pid'), 'w') as f:
+            f.write(str(proc.pid))
+        proc.wait()
     if proc.returncode:
         with open(log_path) as f:
             tail = f.read()[-1500:]
@@ -233,9 +247,11 @@ def run_suite(args, keys):
     groups = [[k for k in keys if k in TABLE5], [k for k in keys if k not in TABLE5]]
     todo = [(EXPERIMENTS[k], s) for group in groups for s in args.seeds for k in group
             if not osp.isfile(result_path(args, k, s))]
+    elsewhere = [(e, s) for e, s in todo if running_elsewhere(args, e.key, s)]
+    todo = [item for item in todo if item not in elsewhere]
     total = len(keys) * len(args.seeds)
-    print(f'{total - len(todo)}/{total} runs already finished; {len(todo)} to run with {args.jobs} job(s) '
-          f'(work dir {args.work_dir})', flush=True)
+    print(f'{total - len(todo) - len(elsewhere)}/{total} runs already finished, {len(elsewhere)} running in another '
+          f'process; {len(todo)} to run with {args.jobs} job(s) (work dir {args.work_dir})', flush=True)
     lock, done, failed, start = threading.Lock(), [0], [], time.time()
 
     def one(item):
@@ -441,6 +457,7 @@ def plot_widths(results, path):
         if xs:
             ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=EXPERIMENTS[kind].label)
     ax.set_xscale('log', base=2)
+    ax.set_xticks([1, 2, 4], labels=['×1', '×2', '×4'])
     ax.set_xlabel('width multiplier')
     ax.set_ylabel('test accuracy / %')
     ax.set_title('SmallNet width on Fashion-MNIST (mean ± STD)')
