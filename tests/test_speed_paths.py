@@ -125,3 +125,27 @@ def test_timm_condconv_wrapper_runs():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
     swap_convs(model, ['0', '2'], TimmCondConv)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize('cls,kwargs', [(MDConv2d, {}), (MAConv2d, {}), (MDConv2d, dict(gate='softmax'))])
+@pytest.mark.parametrize('k,s', [(1, 1), (3, 2)])
+def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
+    """The memory-saving training path gives the plain autograd path's output, gradients and BN statistics."""
+    torch.manual_seed(0)
+    fused = randomize_bn(cls(6, 10, k, s, k // 2, m=5, **kwargs)).train()
+    plain = copy.deepcopy(fused)
+    plain.fuse_training_tail = False
+    assert fused._use_fused_tail() and not plain._use_fused_tail()
+    x = torch.randn(4, 6, 9, 9)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):  # twice: running statistics and num_batches_tracked advance alike
+        yf, yp = fused(xf), plain(xp)
+        assert rel_err(yf, yp) < 1e-5
+        g = torch.randn_like(yf)
+        yf.backward(g)
+        yp.backward(g)
+    assert rel_err(xf.grad, xp.grad) < 1e-4
+    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
+        assert rel_err(pf.grad, pp.grad) < 1e-4, name
+    for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
+        assert rel_err(bf.float(), bp.float()) < 1e-6, name

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
+from . import _fused
 from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_,
                       tracing_for_export)
 
@@ -195,8 +196,23 @@ class MultiLayerConv(ConvBase):
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    #: how ``_mix`` acts, for the fused training tail: ``'diag'`` (a (B, m) scale), ``'identity'``, or None
+    #: (anything else: the plain autograd path)
+    fused_mix: Optional[str] = None
+    #: train-mode forward through :func:`~mdplug.nn._fused.expanding_tail` (same function and gradients, less
+    #: memory); set False on an instance to use plain autograd
+    fuse_training_tail: bool = True
+
+    def _use_fused_tail(self) -> bool:
+        return (self.fuse_training_tail and self.fused_mix is not None and self.training and self.bypass
+                and self.norm == 'branch' and torch.is_grad_enabled() and _fused.can_fuse(self.expand_bn)
+                and _fused.can_fuse(self.project_bn) and not tracing_for_export())
+
     def forward_expanding(self, x: Tensor) -> Tensor:
         q = self.out_channels
+        if self._use_fused_tail():
+            coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
+            return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
         z = self.expand(x)
         if self.norm == 'branch':
             z = self.expand_bn(z)
@@ -255,6 +271,32 @@ class MultiLayerConv(ConvBase):
         if self.bias is not None:
             bias = self.bias.expand(b, q) if bias is None else bias + self.bias
         return weight, bias
+
+    def _pointwise_factorized(self, x: Tensor, left: Tensor, coeff_b1: Optional[Tensor]) -> Tensor:
+        """The factorized form of a 1×1 layer as matmuls, no kernel generated and no concatenated weights:
+        ``y = W0'·x + left·(W1'·x) + coeff_b1 + b'`` with ``left = W2'·A(x)`` (B, q, m) and ``coeff_b1 = left·b1'``.
+
+        ``x``: (B, p, H, W) → (B, q, H', W').  Every shape is read from ``x``, so it exports with any batch.
+        """
+        sh, sw = self.stride
+        if sh > 1 or sw > 1:
+            x = x[:, :, ::sh, ::sw]
+        b, p, h, w = x.shape
+        q = self.out_channels
+        flat = x.reshape(b, p, h * w)
+        inner = torch.matmul(self.weight1.reshape(self.m, p), flat)            # (B, m, HW)
+        bias = coeff_b1
+        if self.bias is not None:
+            bias = self.bias.unsqueeze(0) if bias is None else bias + self.bias
+        base = None
+        if self.weight is not None:
+            base = torch.matmul(self.weight.reshape(q, p), flat)               # (B, q, HW)
+            if bias is not None:
+                base = base + bias.unsqueeze(-1)
+        elif bias is not None:
+            base = bias.unsqueeze(-1).expand(b, q, h * w)
+        y = torch.bmm(left, inner) if base is None else torch.baddbmm(base, left, inner)
+        return y.reshape(b, q, h, w)
 
     def _factorized_first(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """One conv computing W0'⊛x (q channels, no bias) and W1'⊛x + b1' (m channels)."""

@@ -30,6 +30,7 @@ class DCDConv2d(MDConv2d):
                          bypass=bypass, norm=norm, path=path, deploy=deploy, device=device, dtype=dtype)
 
     gates = GATES
+    fused_mix = None  # Φ(x) is a full matrix: plain autograd
 
     def _attention_size(self) -> int:
         return self.m * self.m
@@ -46,11 +47,10 @@ class DCDConv2d(MDConv2d):
         b, m, hh, ww = h.shape
         return (phi @ h.reshape(b, m, hh * ww)).reshape(b, m, hh, ww)
 
-    def _compact_kernel_bias(self, phi: Tensor):
-        """Eq. 6–7 with Φ: ``left = W2'·Φ(x)`` (B, q, m), then one matmul for the kernels."""
+    def _left_and_bias1(self, phi: Tensor):
+        """``W2'·Φ(x)`` (B, q, m) and ``W2'·Φ(x)·b1'`` (B, q) (or None)."""
         left = torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
-        coeff_b1 = None if self.bias1 is None else torch.matmul(left, self.bias1)
-        return self._dynamic_kernel_bias(left, coeff_b1)
+        return left, (None if self.bias1 is None else torch.matmul(left, self.bias1))
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)

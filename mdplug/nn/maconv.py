@@ -107,6 +107,10 @@ class MAConv2d(MultiLayerConv):
         conv.train(self.training)
         return conv
 
+    @property
+    def fused_mix(self) -> Optional[str]:
+        return 'identity' if self.act is None else None
+
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
         return F.relu(h) if self.act == 'relu' else h
 

@@ -40,6 +40,7 @@ class MDConv2d(MultiLayerConv):
     """
 
     gates = ('sigmoid', 'softmax')
+    fused_mix = 'diag'
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, m: int = 20,
@@ -74,18 +75,25 @@ class MDConv2d(MultiLayerConv):
 
     def forward_compact(self, x: Tensor) -> Tensor:
         coeff = self.dynamic_coefficients(x)
-        if self.compact_path(x) == 'weight':
+        path = self.compact_path(x)
+        if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
+        if self.per_sample_conv_is_batch_agnostic():
+            return self._pointwise_factorized(x, *self._left_and_bias1(coeff))
         z0, h = self._factorized_first(x)
         y = self._conv_project(self._apply_coefficients(h, coeff))
         return y if z0 is None else y + z0
 
-    def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """Eq. 6–7 from the stored compact parameters with few ops: A scales the columns of W2' (broadcast)."""
+    def _left_and_bias1(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and ``W2'·A(x)·b1'`` (B, q)."""
         w2 = self.weight2.reshape(self.out_channels, self.m)
         coeff_b1 = None if self.bias1 is None else (coeff * self.bias1) @ w2.t()
-        return self._dynamic_kernel_bias(w2 * coeff.unsqueeze(1), coeff_b1)
+        return w2 * coeff.unsqueeze(1), coeff_b1
+
+    def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Eq. 6–7 from the stored compact parameters with few ops."""
+        return self._dynamic_kernel_bias(*self._left_and_bias1(coeff))
 
     def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
         return h * coeff[:, :, None, None]
