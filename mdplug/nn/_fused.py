@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def _bn_factor(bn: nn.BatchNorm2d) -> float:
@@ -49,6 +50,7 @@ class _ExpandingTail(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         z, coeff, w2, g1, b1, g2, mean1, invstd1, mean2, invstd2 = ctx.saved_tensors
         q = ctx.q
