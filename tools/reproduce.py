@@ -256,6 +256,9 @@ def run_suite(args, keys):
 
     def one(item):
         exp, seed = item
+        if osp.isfile(result_path(args, exp.key, seed)) or running_elsewhere(args, exp.key, seed):
+            print(f'  skip   {exp.key} seed {seed}: finished or running in another process', flush=True)
+            return
         print(f'  start  {exp.key} seed {seed}', flush=True)
         try:
             r = spawn_experiment(args, exp, seed)
