@@ -308,6 +308,21 @@ def fmt(values):
     return f'{m:.2f} ± {s:.2f} (n={len(values)})'
 
 
+def difference(results, key, ref):
+    """``mean(key) - mean(ref)`` ± its standard error ``sqrt(s1²/n1 + s2²/n2)`` over seeds, as text.
+
+    The standard error needs two seeds of each; with one it reads ``(SE n/a)``.
+    """
+    a, b = accs(results, key), accs(results, ref)
+    if not a or not b or key == ref:
+        return ''
+    delta = f'{statistics.mean(a) - statistics.mean(b):+.2f}'
+    if min(len(a), len(b)) < 2:
+        return delta + ' (SE n/a)'
+    se = (mean_std(a)[1] ** 2 / len(a) + mean_std(b)[1] ** 2 / len(b)) ** 0.5
+    return f'{delta} ± {se:.2f}'
+
+
 def accs(results, key, field='accuracy'):
     return [r[field] for r in results.get(key, []) if field in r]
 
@@ -318,14 +333,12 @@ def paper(value):
 
 
 def table5_md(results):
-    lines = ['| | ours: SmallNet ×1, Fashion-MNIST, mean ± STD / % | ours − static / pp '
+    lines = ['| | ours: SmallNet ×1, Fashion-MNIST, mean ± STD / % | ours − static ± SE / pp '
              '| paper Table 5: MobileNetV2 ×0.35, CIFAR-10 / % | paper − static / pp '
              '| paper: SmallNet ×1, CIFAR-10 (Table 10) / % |', '|---|---|---|---|---|---|']
-    base = accs(results, 'static')
     for key in TABLE5:
         values = accs(results, key)
-        delta = (f'{statistics.mean(values) - statistics.mean(base):+.2f}' if values and base and key != 'static'
-                 else '')
+        delta = difference(results, key, 'static')
         paper_delta = f'{PAPER_TABLE5[key][0] - PAPER_TABLE5["static"][0]:+.2f}' if key != 'static' else ''
         lines.append(f'| {EXPERIMENTS[key].label} | {fmt(values)} | {delta} | {paper(PAPER_TABLE5[key])} | '
                      f'{paper_delta} | {paper(PAPER_SMALLNET.get(key))} |')
@@ -338,37 +351,41 @@ def table5_md(results):
 
 
 def rows_md(results, rows, header):
-    lines = [header, '|---|---|---|---|']
-    for label, key in rows:
-        lines.append(f'| {label} | {fmt(accs(results, key))} | {paper(PAPER_SMALLNET.get(key))} | '
-                     f'{paper(PAPER_MBV2_ABLATION.get(key))} |')
+    """Rows of (label, key, reference key): ours, ours − reference ± SE, the paper's SmallNet and MobileNetV2."""
+    lines = [header, '|---|---|---|---|---|']
+    labels = {key: label for label, key, _ in rows}
+    for label, key, ref in rows:
+        delta = difference(results, key, ref)
+        delta = f'{delta} (vs {labels[ref]})' if delta else ''
+        lines.append(f'| {label} | {fmt(accs(results, key))} | {delta} | '
+                     f'{paper(PAPER_SMALLNET.get(key))} | {paper(PAPER_MBV2_ABLATION.get(key))} |')
     return '\n'.join(lines)
 
 
 def table8_md(results):
-    rows = [('MAConv w/', 'maconv'), ('MAConv w/o', 'maconv_nobypass'), ('MDConv w/', 'mdconv'),
-            ('MDConv w/o', 'mdconv_nobypass'), ('ReLU w/', 'relu_bypass'), ('ReLU w/o', 'relu_nobypass')]
-    return rows_md(results, rows, '| bypass | ours: SmallNet, Fashion-MNIST / % | paper: SmallNet, CIFAR-10 / % '
-                   '| paper: MobileNetV2, CIFAR-10 / % |')
+    rows = [('MAConv w/', 'maconv', 'maconv'), ('MAConv w/o', 'maconv_nobypass', 'maconv'),
+            ('MDConv w/', 'mdconv', 'maconv'), ('MDConv w/o', 'mdconv_nobypass', 'mdconv'),
+            ('ReLU w/', 'relu_bypass', 'mdconv'), ('ReLU w/o', 'relu_nobypass', 'relu_bypass')]
+    return rows_md(results, rows, '| bypass | ours: SmallNet, Fashion-MNIST / % | ours − reference ± SE / pp '
+                   '| paper: SmallNet, CIFAR-10 / % | paper: MobileNetV2, CIFAR-10 / % |')
 
 
 def table9_md(results):
-    rows = [('MAConv expanding', 'maconv'), ('MAConv compact', 'maconv_compact'),
-            ('MAConv expanding w/o BN', 'maconv_nobn'), ('MDConv expanding', 'mdconv'),
-            ('MDConv compact', 'mdconv_compact'), ('MDConv expanding w/o BN', 'mdconv_nobn')]
-    return rows_md(results, rows, '| training | ours: SmallNet, Fashion-MNIST / % | paper: SmallNet, CIFAR-10 / % '
-                   '| paper: MobileNetV2, CIFAR-10 / % |')
+    rows = [('MAConv expanding', 'maconv', 'maconv'), ('MAConv compact', 'maconv_compact', 'maconv'),
+            ('MAConv expanding w/o BN', 'maconv_nobn', 'maconv'), ('MDConv expanding', 'mdconv', 'mdconv'),
+            ('MDConv compact', 'mdconv_compact', 'mdconv'), ('MDConv expanding w/o BN', 'mdconv_nobn', 'mdconv')]
+    return rows_md(results, rows, '| training | ours: SmallNet, Fashion-MNIST / % | ours − expanding ± SE / pp '
+                   '| paper: SmallNet, CIFAR-10 / % | paper: MobileNetV2, CIFAR-10 / % |')
 
 
 def table10_md(results):
-    lines = ['| width | ours: Static / % | ours: MAConv / % | ours: MDConv / % | ours: gain MAConv / MDConv / pp '
+    lines = ['| width | ours: Static / % | ours: MAConv / % | ours: MDConv / % | ours: gain MAConv / MDConv ± SE / pp '
              '| paper (CIFAR-10): Static / MAConv / MDConv / % | paper: gain MAConv / MDConv / pp |',
              '|---|---|---|---|---|---|---|']
     for width in (1, 2, 4):
         keys = [k if width == 1 else f'x{width}_{k}' for k in ('static', 'maconv', 'mdconv')]
         values = [accs(results, k) for k in keys]
-        means = [statistics.mean(v) if v else None for v in values]
-        gains = ' / '.join('–' if means[0] is None or m is None else f'{m - means[0]:+.2f}' for m in means[1:])
+        gains = ' / '.join(difference(results, k, keys[0]) or '–' for k in keys[1:])
         paper_cells = ' / '.join(f'{PAPER_SMALLNET[k]:.3f}' for k in keys)
         paper_gains = ' / '.join(f'{PAPER_SMALLNET[k] - PAPER_SMALLNET[keys[0]]:+.2f}' for k in keys[1:])
         lines.append(f'| ×{width} | ' + ' | '.join(fmt(v) for v in values) + f' | {gains} | {paper_cells} | '
