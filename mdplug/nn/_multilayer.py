@@ -258,23 +258,26 @@ class MultiLayerConv(ConvBase):
             return 'factorized'
         return path
 
-    def _dynamic_kernel_bias(self, left: Tensor, coeff_b1: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """Eq. 6–7 from ``left = W2'·A(x)`` (B, q, m): ``W(x) = left·W1' + W0'`` as one matmul over the batch,
-        reshaped to (B, q, p, kh, kw), and ``b(x) = coeff_b1 + b'`` where ``coeff_b1`` = W2'·A(x)·b1' (B, q) or None.
-        """
+    def _dynamic_kernel_bias(self, left: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Eq. 6: ``W(x) = left·W1' + W0'`` from ``left = W2'·A(x)`` (B, q, m), one batched matmul-add,
+        reshaped to (B, q, p, kh, kw); ``bias`` (B, q) (Eq. 7, from :meth:`_left_and_bias`) passes through."""
         b, q = left.shape[0], self.out_channels
-        weight = torch.matmul(left, self.weight1.reshape(self.m, -1))
-        if self.weight is not None:
-            weight = weight + self.weight.reshape(q, -1)
-        weight = weight.reshape((b, q) + tuple(self.weight1.shape[1:]))
-        bias = coeff_b1
-        if self.bias is not None:
-            bias = self.bias.expand(b, q) if bias is None else bias + self.bias
-        return weight, bias
+        w1 = self.weight1.reshape(self.m, -1)
+        if self.weight is None:
+            weight = torch.matmul(left, w1)
+        else:
+            weight = torch.baddbmm(self.weight.reshape(1, q, -1), left, w1.expand(b, -1, -1))
+        return weight.reshape((b, q) + tuple(self.weight1.shape[1:])), None if bias is None else bias.expand(b, q)
 
-    def _pointwise_factorized(self, x: Tensor, left: Tensor, coeff_b1: Optional[Tensor]) -> Tensor:
+    def _static_bias(self, dynamic: Optional[Tensor]) -> Optional[Tensor]:
+        """``dynamic + b'`` for a (B, q) dynamic bias part or None."""
+        if self.bias is None:
+            return dynamic
+        return self.bias.unsqueeze(0) if dynamic is None else dynamic + self.bias
+
+    def _pointwise_factorized(self, x: Tensor, left: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The factorized form of a 1×1 layer as matmuls, no kernel generated and no concatenated weights:
-        ``y = W0'·x + left·(W1'·x) + coeff_b1 + b'`` with ``left = W2'·A(x)`` (B, q, m) and ``coeff_b1 = left·b1'``.
+        ``y = W0'·x + left·(W1'·x) + bias`` with ``left = W2'·A(x)`` (B, q, m) and ``bias = left·b1' + b'`` (B, q).
 
         ``x``: (B, p, H, W) → (B, q, H', W').  Every shape is read from ``x``, so it exports with any batch.
         """
@@ -285,9 +288,6 @@ class MultiLayerConv(ConvBase):
         q = self.out_channels
         flat = x.reshape(b, p, h * w)
         inner = torch.matmul(self.weight1.reshape(self.m, p), flat)            # (B, m, HW)
-        bias = coeff_b1
-        if self.bias is not None:
-            bias = self.bias.unsqueeze(0) if bias is None else bias + self.bias
         base = None
         if self.weight is not None:
             base = torch.matmul(self.weight.reshape(q, p), flat)               # (B, q, HW)

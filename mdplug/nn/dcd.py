@@ -47,10 +47,10 @@ class DCDConv2d(MDConv2d):
         b, m, hh, ww = h.shape
         return (phi @ h.reshape(b, m, hh * ww)).reshape(b, m, hh, ww)
 
-    def _left_and_bias1(self, phi: Tensor):
-        """``W2'·Φ(x)`` (B, q, m) and ``W2'·Φ(x)·b1'`` (B, q) (or None)."""
+    def _left_and_bias(self, phi: Tensor):
+        """``W2'·Φ(x)`` (B, q, m) and the bias ``W2'·Φ(x)·b1' + b'`` (B, q) or None."""
         left = torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
-        return left, (None if self.bias1 is None else torch.matmul(left, self.bias1))
+        return left, self._static_bias(None if self.bias1 is None else torch.matmul(left, self.bias1))
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)

@@ -80,20 +80,26 @@ class MDConv2d(MultiLayerConv):
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
         if self.per_sample_conv_is_batch_agnostic():
-            return self._pointwise_factorized(x, *self._left_and_bias1(coeff))
+            return self._pointwise_factorized(x, *self._left_and_bias(coeff))
         z0, h = self._factorized_first(x)
         y = self._conv_project(self._apply_coefficients(h, coeff))
         return y if z0 is None else y + z0
 
-    def _left_and_bias1(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and ``W2'·A(x)·b1'`` (B, q)."""
+    def _left_and_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and the bias of Eq. 7,
+        ``W2'·A(x)·b1' + b'`` (B, q) or None."""
         w2 = self.weight2.reshape(self.out_channels, self.m)
-        coeff_b1 = None if self.bias1 is None else (coeff * self.bias1) @ w2.t()
-        return w2 * coeff.unsqueeze(1), coeff_b1
+        if self.bias1 is None:
+            bias = self._static_bias(None)
+        elif self.bias is None:
+            bias = (coeff * self.bias1) @ w2.t()
+        else:
+            bias = torch.addmm(self.bias, coeff * self.bias1, w2.t())
+        return w2 * coeff.unsqueeze(1), bias
 
     def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6–7 from the stored compact parameters with few ops."""
-        return self._dynamic_kernel_bias(*self._left_and_bias1(coeff))
+        return self._dynamic_kernel_bias(*self._left_and_bias(coeff))
 
     def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
         return h * coeff[:, :, None, None]
