@@ -1,7 +1,8 @@
-"""A short real training on Fashion-MNIST learns: SmallNet, 10 % of the training set, one epoch.
+"""A short real training on Fashion-MNIST learns: SmallNet with MDConv, 10 % of the training set, one epoch.
 
-The static SmallNet: after only ~94 iterations the running BN statistics of dynamic layers still lag their batch
-statistics (eval accuracy well below train-mode accuracy), which would make the threshold depend on the kind.
+The paper's CIFAR recipe (SGD 0.1, momentum 0.9, cosine to zero) with the cosine compressed into the one epoch:
+at a constant lr of 0.1 the BN running statistics after ~190 iterations still lag the weights, and the eval-mode
+accuracy swings between runs.
 """
 import json
 import os
@@ -20,11 +21,11 @@ FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 @pytest.mark.skipif(not osp.isfile(osp.join(FASHION_MNIST, 'train-images-idx3-ubyte.gz')),
                     reason='Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist '
                            '(files in /usr/share/datasets/fashion-mnist)')
-def test_smallnet_learns_fashion_mnist_in_one_epoch(tmp_path):
+def test_smallnet_mdconv_learns_fashion_mnist_in_one_epoch(tmp_path):
     config = tmp_path / 'short.py'
     config.write_text(
-        f"_base_ = '{ROOT}/configs/fashion_mnist/smallnet_x1_static.py'\n"
-        "train_dataloader = dict(batch_size=64, num_workers=0, persistent_workers=False, dataset=dict(\n"
+        f"_base_ = '{ROOT}/configs/fashion_mnist/smallnet_x1_mdconv.py'\n"
+        "train_dataloader = dict(batch_size=32, num_workers=0, persistent_workers=False, dataset=dict(\n"
         "    _delete_=True, type='PerClassSubset', fraction=0.1, seed=0,\n"
         "    dataset={{_base_.train_dataloader.dataset}}))\n"
         "val_dataloader = dict(batch_size=500, num_workers=0, persistent_workers=False, dataset=dict(\n"
@@ -32,13 +33,15 @@ def test_smallnet_learns_fashion_mnist_in_one_epoch(tmp_path):
         "    dataset={{_base_.val_dataloader.dataset}}))\n"
         "test_dataloader = val_dataloader\n"
         "train_cfg = dict(max_epochs=1)\n"
+        "param_scheduler = dict(T_max=1, end=1)\n"
         "randomness = dict(seed=0)\n")
     work = str(tmp_path / 'work')
-    env = dict(os.environ, OMP_NUM_THREADS='2')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, 'tools/train.py', str(config), '--work-dir', work], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    scalars = [json.loads(line) for line in open(next(
-        osp.join(d, f) for d, _, files in os.walk(work) for f in files if f.endswith('.json') and f != 'scalars.json'))]
-    top1 = [s['accuracy/top1'] for s in scalars if 'accuracy/top1' in s][-1]
+    log = next(osp.join(d, f) for d, _, files in os.walk(work) for f in files
+               if f.endswith('.json') and f != 'scalars.json')
+    with open(log) as f:
+        top1 = [s['accuracy/top1'] for s in map(json.loads, f) if 'accuracy/top1' in s][-1]
     assert top1 > 50, f'accuracy {top1} % after one epoch on 6000 images (2000 evaluated); chance is 10 %'
