@@ -210,7 +210,8 @@ class MultiLayerConv(ConvBase):
 
     def forward_expanding(self, x: Tensor) -> Tensor:
         q = self.out_channels
-        if self._use_fused_tail():
+        # the fused tail runs its BNs in the input's dtype: under autocast use plain autograd (mixed dtypes)
+        if self._use_fused_tail() and not torch.is_autocast_enabled(x.device.type):
             coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
             return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
         z = self.expand(x)
