@@ -93,58 +93,14 @@ def _load_static(model, path: str, name: str) -> None:
         state = _state_dict_of(torch.load(path, map_location='cpu', weights_only=True))
     except Exception as e:  # noqa: BLE001
         raise UsageError(f'{path}: not a readable torch checkpoint ({_one_line(e)})') from e
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UsageError(f'checkpoint {path} does not match {name}: {_one_line(e)[:300]}') from e
     if result.missing_keys or result.unexpected_keys:
         raise UsageError(f'checkpoint {path} does not match {name}: {len(result.missing_keys)} missing keys '
                          f'{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys '
                          f'{result.unexpected_keys[:3]}')
-
-
-def _randomise_bn(model, seed: int = 0) -> None:
-    """Random running statistics and affine parameters for every BatchNorm, so the check is not trivial."""
-    import torch
-    from torch import nn
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-
-
-def equivalence(model, input_size, seed: int = 0) -> dict:
-    """Compare a copy of the expanding ``model`` (eval, random BN statistics) with its compact form.
-
-    Returns ``max_abs_diff``, ``max_abs_out``, the compact model's params and MACs, and notes on kept biases.
-    """
-    import copy
-
-    import torch
-    from mdplug.convert.passes import compact_with_notes
-    from mdplug.profile import count_macs, count_params
-    probe = copy.deepcopy(model).eval()
-    _randomise_bn(probe, seed)
-    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expanding = probe(x)
-        probe, folded, notes = compact_with_notes(probe)
-        compact = probe(x)
-    expanding, compact = _first_tensor(expanding), _first_tensor(compact)
-    return dict(max_abs_diff=float((expanding - compact).abs().max()), max_abs_out=float(expanding.abs().max()),
-                params=count_params(probe), macs=count_macs(probe, input_size), folded=folded, notes=notes)
-
-
-def _first_tensor(y):
-    import torch
-    if isinstance(y, torch.Tensor):
-        return y
-    if isinstance(y, dict):
-        y = list(y.values())
-    return _first_tensor(y[0])
 
 
 def _human(n: int) -> str:
@@ -192,7 +148,9 @@ def cmd_convert(a) -> int:
     except ValueError as e:
         raise UsageError(_one_line(e)) from e
     expanding = dict(params=count_params(model), macs=count_macs(model, size))
+    from mdplug.convert.check import equivalence
     check = equivalence(model, size)
+    check.update(params=count_params(check['compact']), macs=count_macs(check['compact'], size))
     r = dict(model=a.model, kind=a.kind, select=a.select, m=a.m, replaced=p.names, kept=len(p.skip),
              analysis='fx graph' if p.traced else 'module walk', notes=p.notes + check['notes'],
              params=dict(static=static['params'], expanding=expanding['params'], compact=check['params']),
@@ -223,7 +181,10 @@ def cmd_compact(a) -> int:
         model = rebuild(meta, form='expanding')
     except ValueError as e:
         raise UsageError(_one_line(e)) from e
-    result = model.load_state_dict(ckpt['state_dict'], strict=False)
+    try:
+        result = model.load_state_dict(ckpt['state_dict'], strict=False)
+    except RuntimeError as e:
+        raise UsageError(f'{a.checkpoint} does not match {meta["model"]} ({meta["kind"]}): {_one_line(e)[:300]}') from e
     if result.missing_keys or result.unexpected_keys:
         raise UsageError(f'{a.checkpoint} does not match {meta["model"]} ({meta["kind"]}): missing keys '
                          f'{result.missing_keys[:3]}, unexpected keys {result.unexpected_keys[:3]}')

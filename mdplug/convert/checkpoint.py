@@ -123,7 +123,11 @@ def load(path: str, strict: bool = True) -> nn.Module:
     ckpt = read(path)
     meta = ckpt['meta']
     model = rebuild(meta)
-    result = model.load_state_dict(ckpt['state_dict'], strict=False)
+    try:
+        result = model.load_state_dict(ckpt['state_dict'], strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f'{path}: state_dict does not match {meta["model"]} ({meta["kind"]}, {meta["form"]}): '
+                              f'{" ".join(str(e).split())[:300]}') from e
     if strict and (result.missing_keys or result.unexpected_keys):
         raise CheckpointError(
             f'{path}: state_dict does not match {meta["model"]} ({meta["kind"]}, {meta["form"]}): '

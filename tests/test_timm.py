@@ -1,0 +1,39 @@
+"""timm integration: registered entry points and timm's reparameterize_model on converted models."""
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+import mdplug.timm as mt
+from _models import randomise_bn, relative_diff, small_input
+from mdplug.convert import convert
+from mdplug.nn import LAYERS, MAConv2d, MDConv2d
+
+
+def test_entry_points_are_registered():
+    names = mt.registered_names()
+    assert {'mobilenetv2_100_mdconv', 'mobilenetv2_050_maconv', 'resnet18_dyconv'} <= set(names)
+    assert set(timm.list_models('*_mdconv')) >= {'mobilenetv2_050_mdconv', 'mobilenetv2_100_mdconv', 'resnet18_mdconv'}
+    assert len(names) == len(mt.PAPER_ARCHS) * len(LAYERS)
+    assert all(timm.is_model(n) for n in names)
+
+
+def test_create_model_builds_the_paper_variants():
+    m = timm.create_model('mobilenetv2_050_mdconv', num_classes=10, m=12)
+    assert type(m).__name__ == 'EfficientNet' and m.num_classes == 10
+    layers = [x for x in m.modules() if isinstance(x, MDConv2d)]
+    assert len(layers) == 33 and all(x.m == 12 for x in layers)
+    r = timm.create_model('resnet18_maconv')
+    assert sum(isinstance(x, MAConv2d) for x in r.modules()) == 16 and isinstance(r.layer1[0].conv2, MAConv2d)
+
+
+def test_reparameterize_model_gives_the_compact_form():
+    x = small_input()
+    for kind in ('maconv', 'mdconv'):
+        m = convert(timm.create_model('mobilenetv2_050'), kind, m=8, example_inputs=x[:1])
+        randomise_bn(m, x)
+        m.eval()
+        r = reparameterize_model(m)  # a deep copy, fused through each layer's fuse()
+        assert not any(isinstance(t, MAConv2d) for t in r.modules())
+        assert all(t.deploy for t in r.modules() if isinstance(t, MDConv2d))
+        with torch.no_grad():
+            assert relative_diff(m(x), r(x)) <= 1e-4
