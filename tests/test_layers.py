@@ -215,3 +215,13 @@ def test_bad_options_other_layers():
     # DYConv and SE support grouped convs (depthwise), like their papers
     dw = randomize_bn(DYConv2d(8, 8, 3, padding=1, groups=8)).eval()
     _check(dw, torch.randn(2, 8, 6, 6))
+
+
+@pytest.mark.parametrize('kind', sorted(LAYERS))
+def test_bf16_autocast_training_step(kind):
+    """AMP training (``tools/train.py --amp``): forward and backward under autocast reach every parameter."""
+    layer = LAYERS[kind](8, 8, 3, padding=1).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 8, 6, 6))
+    y.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
