@@ -37,3 +37,12 @@ def test_reparameterize_model_gives_the_compact_form():
         assert all(t.deploy for t in r.modules() if isinstance(t, MDConv2d))
         with torch.no_grad():
             assert relative_diff(m(x), r(x)) <= 1e-4
+
+
+def test_import_mdplug_registers_and_exports():
+    import subprocess
+    import sys
+    code = ("import mdplug, timm; assert 'resnet18_dyconv' in timm.list_models('*_dyconv'); "
+            "assert all(callable(f) for f in (mdplug.plan, mdplug.convert, mdplug.compact, mdplug.load))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

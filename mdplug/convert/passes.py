@@ -16,7 +16,7 @@ from torch import nn
 
 from mdplug.convert._layers import layer_class, layer_keywords, mdplug_layer_types
 from mdplug.convert.graph import analyse
-from mdplug.convert.plan import Plan, Select, plan
+from mdplug.convert.planner import Plan, Select, plan
 
 __all__ = ['convert', 'compact', 'NothingToConvert', 'ORIG_BIAS_ATTR']
 
@@ -61,7 +61,7 @@ def _check_layer_kwargs(kind: str, layer_kwargs: dict) -> None:
 def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = 'pointwise',
                       exclude: Union[str, Iterable[str]] = (), keep_stem: bool = True, keep_head: bool = True,
                       inplace: bool = True, example_inputs=None, **layer_kwargs) -> Tuple[nn.Module, Plan]:
-    """:func:`convert` that also returns the :class:`~mdplug.convert.plan.Plan` it carried out."""
+    """:func:`convert` that also returns the :class:`~mdplug.convert.planner.Plan` it carried out."""
     _check_layer_kwargs(kind, layer_kwargs)
     p = plan(model, kind, select, exclude, keep_stem, keep_head, example_inputs)
     if not p.replace:
