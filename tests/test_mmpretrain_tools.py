@@ -113,7 +113,8 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     checkpoint = str(tmp_path / 'static.pth')
     save_checkpoint(other, checkpoint)
     cfg = Config.fromfile(osp.join(ROOT, CONFIG))
-    with pytest.raises(ValueError, match=r'is not a checkpoint of the model of .*smallnet_x1_mdconv.py:\n.*missing keys'):
+    message = r'is not a checkpoint of the model of .*smallnet_x1_mdconv.py:\n.*missing keys'
+    with pytest.raises(ValueError, match=message):
         runtime.deploy(cfg, CONFIG, checkpoint)
 
 
@@ -123,3 +124,11 @@ def test_train_tool_stops_on_a_missing_data_root(tmp_path):
                           timeout=120)
     assert proc.returncode != 0
     assert 'does not exist; pass --data-root DIR' in proc.stderr
+
+
+def test_a_config_naming_an_unknown_kind_is_a_clear_error(tmp_path):
+    config = tmp_path / 'bogus.py'
+    config.write_text(f"_base_ = '{ROOT}/configs/ablation/smallnet_x1_mdconv.py'\n"
+                      "model = dict(backbone=dict(kind='mdconvv'))\n")
+    with pytest.raises(KeyError, match=r"mdplug.Converted: unknown kind 'mdconvv' for backbone 'SmallNet'"):
+        runtime.build_model(Config.fromfile(str(config)))

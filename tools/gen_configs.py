@@ -44,6 +44,7 @@ def converted(backbone, kind, select, input_shape, **overrides):
 class Writer:
     def __init__(self):
         self.written = []
+        self.titles = {}
 
     def write(self, path, title, base, body=()):
         """One config: a comment line per ``title`` line, ``_base_``, then ``body`` lines."""
@@ -55,6 +56,7 @@ class Writer:
         with open(full, 'w') as f:
             f.write('\n'.join(lines) + '\n')
         self.written.append(path)
+        self.titles[path] = title.splitlines()[0]
 
 
 def bases(model, dataset, schedule):
@@ -295,6 +297,28 @@ def fashion_mnist(w):
               cifar_mbv2_backbone(0.35, in_channels=1), 'pointwise', shape, None, kinds)
 
 
+INDEX_INTRO = f"""<!-- {HEADER[2:]} -->
+# Configs: one per row of the paper's tables
+
+Train with `tools/dist_train.sh CONFIG GPUS` (ImageNet: 4 GPUs x 64 images; CIFAR-10/100, SVHN, Fashion-MNIST:
+4 GPUs x 32 images, i.e. the paper's total batch of 256 / 128), evaluate with `tools/test.py CONFIG CHECKPOINT`,
+compact with `tools/deploy.py CONFIG CHECKPOINT OUT`, count parameters and MACs with `tools/analysis.py CONFIG`.
+Point a config at its data with `--data-root DIR`. The percentages are the paper's.
+"""
+
+
+def write_index(w):
+    """``configs/README.md``: every generated config with its table row."""
+    lines = [INDEX_INTRO]
+    for folder in ('imagenet', 'cifar10', 'cifar100', 'svhn', 'ablation', 'fashion_mnist'):
+        rows = sorted(p for p in w.titles if p.startswith(folder + '/'))
+        lines += [f'## {folder}', '', '| config | row |', '|---|---|']
+        lines += [f'| [{osp.basename(p)}]({p}) | {w.titles[p]} |' for p in rows]
+        lines.append('')
+    with open(osp.join(ROOT, 'README.md'), 'w') as f:
+        f.write('\n'.join(lines))
+
+
 def remove_stale(written):
     """Delete generated files that this run did not write (rows renamed or dropped)."""
     for folder, _, files in os.walk(ROOT):
@@ -312,6 +336,7 @@ def main():
     for section in (imagenet, cifar, ablation, fashion_mnist):
         section(w)
     remove_stale(set(w.written))
+    write_index(w)
     print(f'wrote {len(w.written)} configs under {ROOT}')
 
 

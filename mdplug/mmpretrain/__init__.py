@@ -7,7 +7,8 @@ Importing this module (``custom_imports=dict(imports=['mdplug.mmpretrain'])``) r
 - the model transforms ``mdplug.Converted`` (convert a backbone when it is built) and ``mdplug.Compacted``
   (build a model and re-parameterise it into its compact form);
 - the backbones ``MobileNetV2CIFAR`` and ``SmallNet`` and the head ``DropoutLinearClsHead``;
-- the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100``, the wrapper ``PerClassSubset`` and the transform ``CenterPad``;
+- the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100``, the wrapper ``PerClassSubset``
+  and the transform ``CenterPad``;
 - the hook ``TemperatureAnnealHook``.
 """
 from .layers import LAYER_TYPES, register_layers
@@ -19,7 +20,8 @@ from .datasets import (SVHN, CenterPad, FashionMNISTIDX, LocalCIFAR10, LocalCIFA
 from .hooks import TemperatureAnnealHook
 
 __all__ = [
-    'LAYER_TYPES', 'register_layers', 'Converted', 'Compacted', 'compact_classifier', 'reset_mdplug_layers', 'unwrap_converted',
+    'LAYER_TYPES', 'register_layers', 'Converted', 'Compacted', 'compact_classifier', 'reset_mdplug_layers',
+    'unwrap_converted',
     'MobileNetV2CIFAR', 'SmallNet', 'DropoutLinearClsHead', 'SVHN', 'FashionMNISTIDX', 'LocalCIFAR10', 'LocalCIFAR100',
     'PerClassSubset',
     'per_class_indices', 'CenterPad', 'TemperatureAnnealHook',

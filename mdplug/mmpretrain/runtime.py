@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
-from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
 from mmengine.logging import HistoryBuffer
 
 
@@ -25,9 +24,9 @@ def allow_mmengine_checkpoints():
 
     Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``; mmengine 0.10.7 calls it without the
     argument, so ``--resume`` and ``tools/test.py`` fail on mmengine's own checkpoints: their ``message_hub``
-    holds ``HistoryBuffer`` objects of numpy arrays and scalars (``numpy.dtypes.*DType``), and a ``HistoryBuffer`` pickles its statistics methods as
-    ``getattr(buffer, 'min')``. Allow-listing exactly these keeps the restricted unpickler (it still calls no
-    other global) instead of turning ``weights_only`` off.
+    holds ``HistoryBuffer`` objects of numpy arrays and scalars (``numpy.dtypes.*DType``), and a
+    ``HistoryBuffer`` pickles its statistics methods as ``getattr(buffer, 'min')``. Allow-listing exactly these
+    keeps the restricted unpickler (it still calls no other global) instead of turning ``weights_only`` off.
     """
     multiarray = (getattr(np, '_core', None) or np.core).multiarray
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith('DType')]
@@ -163,10 +162,10 @@ def is_converted(cfg):
 def deploy(cfg, config_path, checkpoint):
     """Load ``checkpoint`` into ``cfg``'s model and re-parameterise it; returns ``(expanding, deployed, static)``.
 
-    ``deployed`` is :func:`mdplug.compact` of the model (part by part, :func:`compact_classifier`). When it has no mdplug layer left (MAConv) and the config
-    converts a backbone, ``static`` is the *static* config's model (``mdplug.Converted`` unwrapped) holding the
-    compact weights (``mdplug.compact`` folds each fused bias into the BN that follows); otherwise ``static`` is
-    None.
+    ``deployed`` is :func:`mdplug.compact` of the model (part by part, :func:`compact_classifier`). When it has no
+    mdplug layer left (MAConv) and the config converts a backbone, ``static`` is the *static* config's model
+    (``mdplug.Converted`` unwrapped) holding the compact weights (each fused bias folded into the BN that follows);
+    otherwise ``static`` is None.
     """
     expanding = build_model(cfg)
     load_strictly(expanding, load_state_dict(checkpoint), checkpoint, config_path)
