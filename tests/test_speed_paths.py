@@ -149,3 +149,4 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
         assert rel_err(pf.grad, pp.grad) < 1e-4, name
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
         assert rel_err(bf.float(), bp.float()) < 1e-6, name
+

@@ -182,7 +182,8 @@ def run_model(name: str, args, bar) -> dict:
         out['infer'][b] = {v: summarise(t) for v, t in times.items()}
     del models
     tvariants = [v for v in TRAIN if v in args.train_variants] if args.train_variants else list(TRAIN)
-    for b in args.train_batch:
+    train_batches = args.train_batch if not args.train_models or name in args.train_models else []
+    for b in train_batches:
         x = torch.randn(b, *size)
         target = torch.randint(0, 1000, (b,))
         fns = {v: train_step(m, x, target) for v, m in build_train(static, select, names, tvariants).items()}
@@ -307,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--select', choices=('pointwise', 'spatial', 'all'), help='default: the paper\'s placement')
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8, 32], help='inference batch sizes')
     p.add_argument('--train-batch', type=int, nargs='*', default=[32], help='training-step batch sizes')
+    p.add_argument('--train-models', nargs='*', help='models whose training step is measured (default: all)')
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=9)
@@ -338,10 +340,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
     n_inf = len(args.variants or INFER) * len(args.batch) * (args.warmup + args.repeats)
     n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (1 + args.train_repeats + 1)
+    n_trained = len([m for m in args.model if not args.train_models or m in args.train_models])
     wait_for_quiet(args.wait_load, args.wait_until)
     load0 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     results = []
-    with tqdm(total=len(args.model) * (n_inf + n_train), unit='call', desc='benchmark') as bar:
+    with tqdm(total=len(args.model) * n_inf + n_trained * n_train, unit='call', desc='benchmark') as bar:
         for name in args.model:
             bar.set_postfix_str(name)
             results.append(run_model(name, args, bar))
