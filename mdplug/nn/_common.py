@@ -51,6 +51,9 @@ class ConvBase(nn.Module):
     """
 
     supports_groups = False
+    #: ``nn.Conv2d`` attributes that wrappers such as mmcv's ``ConvModule`` read
+    transposed = False
+    output_padding = (0, 0)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
                  padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
@@ -122,6 +125,10 @@ class ConvBase(nn.Module):
                      None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,
                      groups * b)
         return y.reshape(b, q, y.shape[-2], y.shape[-1])
+
+    def init_weights(self) -> None:
+        """The initialisation hook of mmengine/mmcv (``ConvModule`` calls it): the layer's own ``reset_parameters``."""
+        self.reset_parameters()
 
     # -- deploy protocol ----------------------------------------------------------------------------------------
     def switch_to_deploy(self) -> None:  # pragma: no cover - overridden
