@@ -9,7 +9,7 @@ Importing this module (``custom_imports=dict(imports=['mdplug.mmpretrain'])``) r
 - the backbones ``MobileNetV2CIFAR`` and ``SmallNet`` and the head ``DropoutLinearClsHead``;
 - the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100``, the wrapper ``PerClassSubset``
   and the transform ``CenterPad``;
-- the hook ``TemperatureAnnealHook``.
+- the hook ``TemperatureAnnealHook`` and the optimizer wrapper ``CPUAmpOptimWrapper`` (``--amp`` without CUDA).
 """
 from .layers import LAYER_TYPES, register_layers
 from .transform import Compacted, Converted, compact_classifier, reset_mdplug_layers, unwrap_converted
@@ -18,11 +18,12 @@ from .heads import DropoutLinearClsHead
 from .datasets import (SVHN, CenterPad, FashionMNISTIDX, LocalCIFAR10, LocalCIFAR100, PerClassSubset,
                        per_class_indices)
 from .hooks import TemperatureAnnealHook
+from .optim import CPUAmpOptimWrapper
 
 __all__ = [
     'LAYER_TYPES', 'register_layers', 'Converted', 'Compacted', 'compact_classifier', 'reset_mdplug_layers',
     'unwrap_converted',
     'MobileNetV2CIFAR', 'SmallNet', 'DropoutLinearClsHead', 'SVHN', 'FashionMNISTIDX', 'LocalCIFAR10', 'LocalCIFAR100',
     'PerClassSubset',
-    'per_class_indices', 'CenterPad', 'TemperatureAnnealHook',
+    'per_class_indices', 'CenterPad', 'TemperatureAnnealHook', 'CPUAmpOptimWrapper',
 ]
