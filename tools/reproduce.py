@@ -451,6 +451,7 @@ def plot_curves(results, path, keys=('static', 'maconv', 'mdconv', 'dcd')):
         ax.plot(epochs, [statistics.mean(v) for v in per_epoch], marker='o',
                 label=f'{EXPERIMENTS[key].label} (n={len(curves)})')
         ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel('epoch')
     ax.set_ylabel('test accuracy / %')
     ax.set_title('SmallNet ×1 on Fashion-MNIST (mean, min–max over seeds)')
