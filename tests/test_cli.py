@@ -128,16 +128,14 @@ def test_load_rejects_a_tampered_checkpoint(tmp_path):
 
 
 def test_mobilenetv2_100_default_command_is_quick():
-    import time
-    t = time.perf_counter()
-    r = subprocess.run(['mdplug' if _on_path() else sys.executable, *([] if _on_path() else ['-m', 'mdplug.cli']),
-                        'convert', '--model', 'mobilenetv2_100'], capture_output=True, text=True, env=ENV)
-    took = time.perf_counter() - t
+    """≤ 10 s wall on an idle 2-core machine (3.5 s measured). Tests share the machine with other jobs, so the
+    assertion is on the CPU time the command used, which contention does not inflate."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run([sys.executable, '-m', 'mdplug.cli', 'convert', '--model', 'mobilenetv2_100'],
+                       capture_output=True, text=True, env=ENV)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert r.returncode == 0, r.stderr
     assert '33 convs replaced' in r.stdout and '-> OK' in r.stdout
-    assert took < 30  # ≤ 10 s on an idle 2-core machine; generous here because tests run in parallel with others
-
-
-def _on_path():
-    import shutil
-    return shutil.which('mdplug') is not None
+    assert cpu < 20, f'{cpu:.1f} s of CPU'
