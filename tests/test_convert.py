@@ -289,3 +289,10 @@ def test_paper_table1_numbers():
     assert _paper('mobilenetv2_100', 'maconv') == _paper('mobilenetv2_100', 'static')
     # the default compact path never costs more than the paper's weight-generation count
     assert _paper('mobilenetv2_100', 'mdconv')[1] <= _paper('mobilenetv2_100', 'mdconv', path='weight')[1]
+
+
+def test_mmpretrain_config_traces_with_its_default_mode():
+    """An mmpretrain ImageClassifier branches on ``mode``; the analysis fixes it at its default and traces."""
+    m = build('configs/imagenet/mobilenet_v2_x05_static.py')
+    p = plan(m, example_inputs=small_input(1))
+    assert p.traced and len(p.replace) == 33 and p.head == 'backbone.conv2.conv'

@@ -54,9 +54,30 @@ class LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def _defaults(model: nn.Module) -> dict:
+    """``forward``'s keyword defaults after its first argument, e.g. mmpretrain's ``mode='tensor'``."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def trace(model: nn.Module) -> torch.fx.Graph:
-    """Symbolically trace ``model`` with :class:`LeafTracer`; raises whatever fx raises."""
-    return LeafTracer().trace(model)
+    """Symbolically trace ``model`` with :class:`LeafTracer`; raises whatever fx raises.
+
+    A forward that branches on an optional argument (``mode='tensor'``, ``data_samples=None``) is traced a
+    second time with those arguments fixed at their defaults.
+    """
+    try:
+        return LeafTracer().trace(model)
+    except Exception:
+        concrete = _defaults(model)
+        if not concrete:
+            raise
+        return LeafTracer().trace(model, concrete_args=concrete)
 
 
 @dataclasses.dataclass
