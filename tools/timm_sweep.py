@@ -106,6 +106,13 @@ def sweep_one(name: str, kind: str, size, max_params: float) -> dict:
     row.update(max_abs_diff=r['max_abs_diff'], rel=rel, seconds=round(time.perf_counter() - t, 1))
     ok = rel <= TOLERANCE and r['max_abs_out'] == r['max_abs_out']
     row['status'] = 'pass' if ok else 'mismatch'
+    if not ok:  # float32 rounding through a deep random-weight net, or a real error? float64 tells them apart
+        try:
+            r64 = equivalence(model.double(), size)
+            rel64 = r64['max_abs_diff'] / max(r64['max_abs_out'], 1e-300)
+            row['reason'] = f'float64: relative {rel64:.1e}' + (' (exact; float32 rounding)' if rel64 < 1e-9 else '')
+        except Exception as e:  # noqa: BLE001
+            row['reason'] = f'float64 re-check failed: {_one_line(e)}'
     if not p.traced:
         row['reason'] = 'fx trace failed; module walk'
     if r['notes']:
