@@ -225,3 +225,14 @@ def test_bf16_autocast_training_step(kind):
         y = layer(torch.randn(3, 8, 6, 6))
     y.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize('kind', ['mdconv', 'maconv', 'dcd'])
+def test_compact_form_follows_a_dtype_change_after_construction(kind):
+    """``model.double()`` after conversion, then compact: the compact tensors are float64 too."""
+    layer = randomize_bn(LAYERS[kind](6, 8, 3, padding=1, m=4)).eval().double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    ref = layer(x)
+    compact = layer.fuse()
+    assert all(p.dtype == torch.float64 for p in compact.parameters())
+    assert rel_err(compact(x), ref) < 1e-12

@@ -174,6 +174,8 @@ class MultiLayerConv(ConvBase):
         self._check_fusable()
         fb = self.folded_branches()
         training = self.training
+        # build the compact tensors where the expanding ones live now (the model may have moved since __init__)
+        self._factory = dict(device=self.expand.weight.device, dtype=self.expand.weight.dtype)
         for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
             if hasattr(self, name):
                 delattr(self, name)

@@ -86,6 +86,8 @@ class MAConv2d(MultiLayerConv):
             return
         weight, bias = self.get_equivalent_kernel_bias()
         training = self.training
+        # build the compact tensors where the expanding ones live now (the model may have moved since __init__)
+        self._factory = dict(device=self.expand.weight.device, dtype=self.expand.weight.dtype)
         for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
             if hasattr(self, name):
                 delattr(self, name)
