@@ -296,3 +296,27 @@ def test_mmpretrain_config_traces_with_its_default_mode():
     m = build('configs/imagenet/mobilenet_v2_x05_static.py')
     p = plan(m, example_inputs=small_input(1))
     assert p.traced and len(p.replace) == 33 and p.head == 'backbone.conv2.conv'
+
+
+class _ReadsWeight(nn.Module):
+    """A model whose code reads a conv's weight itself (as timm's XCiT/EdgeNeXt positional encodings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.pw(self.stem(x))
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+def test_a_conv_whose_weight_the_model_reads_is_kept_with_the_reason():
+    model = _ReadsWeight()
+    p = plan(model, 'mdconv', keep_stem=False, keep_head=False, example_inputs=torch.randn(1, 3, 8, 8))
+    assert [d.name for d in p.replace] == ['pw']
+    reason = next(d.reason for d in p.skip if d.name == 'proj')
+    assert 'reads its weight directly' in reason
+    convert(model, "mdconv", keep_stem=False, keep_head=False, example_inputs=torch.randn(1, 3, 8, 8))
+    assert type(model.proj) is nn.Conv2d and model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 8, 8)

@@ -8,7 +8,7 @@ one node and ``BatchNormAct2d`` is one node. Models that do not trace fall back 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx
@@ -96,6 +96,8 @@ class ConvSite:
     users: Optional[List[str]] = None
     on_trunk: Optional[bool] = None
     in_shape: Optional[tuple] = None
+    #: parameters of the conv the model's code reads directly (``conv.weight.dtype``, ``F.conv2d(x, conv.weight)``)
+    params_read: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -168,6 +170,12 @@ def _graph_sites(model: nn.Module, graph: torch.fx.Graph) -> ModelGraph:
             sites[name].users = (sites[name].users or []) + users
         else:
             sites[name] = ConvSite(name, mod, order=i, users=users)
+
+    for node in nodes:  # the model's code reading a conv's weight/bias itself, not through calling the conv
+        if node.op == 'get_attr' and '.' in str(node.target):
+            owner, attr = str(node.target).rsplit('.', 1)
+            if owner in sites:
+                sites[owner].params_read += (attr,)
 
     placeholders = [n for n in nodes if n.op == 'placeholder']
     for node, name in conv_nodes.items():
@@ -245,9 +253,30 @@ def walk_model(model: nn.Module, note: str = '') -> ModelGraph:
     return g
 
 
+class _ParamReadSpy(nn.Conv2d):
+    """The class an ``nn.Conv2d`` wears during the example run: it notes reads of its ``weight``/``bias`` made
+    from outside its own ``forward`` (model code such as ``conv.weight.dtype``, hidden even inside fx leaves)."""
+
+    def forward(self, x):
+        self.__dict__['_mdplug_in_forward'] = True
+        try:
+            return super().forward(x)
+        finally:
+            self.__dict__['_mdplug_in_forward'] = False
+
+    def __getattr__(self, name):
+        if name in ('weight', 'bias') and not self.__dict__.get('_mdplug_in_forward', False):
+            self.__dict__.setdefault('_mdplug_reads', set()).add(name)
+        return super().__getattr__(name)
+
+
 def _record_shapes(model: nn.Module, g: ModelGraph, example_inputs) -> Optional[str]:
-    """Run ``example_inputs`` once (eval, no grad) and store each conv's input shape; returns an error or None."""
+    """Run ``example_inputs`` once (eval, no grad) and store each conv's input shape and whether model code
+    reads its parameters directly (:class:`_ParamReadSpy`); returns an error or None."""
     handles = []
+    spied = [site for site in g.sites.values() if type(site.module) is nn.Conv2d]
+    for site in spied:
+        site.module.__class__ = _ParamReadSpy
 
     def hook(name):
         def fn(mod, args):
@@ -274,6 +303,11 @@ def _record_shapes(model: nn.Module, g: ModelGraph, example_inputs) -> Optional[
             h.remove()
         for m, t in flags.items():
             m.training = t
+        for site in spied:
+            site.module.__class__ = nn.Conv2d
+            site.module.__dict__.pop('_mdplug_in_forward', None)
+            reads = site.module.__dict__.pop('_mdplug_reads', ())
+            site.params_read += tuple(sorted(set(reads) - set(site.params_read)))
     return None
 
 

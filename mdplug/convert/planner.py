@@ -138,6 +138,10 @@ def _decide(site: ConvSite, graph: ModelGraph, select: Select, exclude: Sequence
     if type(m) is not nn.Conv2d:
         d.reason = f'{type(m).__name__} is a subclass of nn.Conv2d; only exact nn.Conv2d is converted'
         return d
+    if site.params_read:
+        d.reason = (f'the model reads its {"/".join(sorted(set(site.params_read)))} directly, not only by calling '
+                    f'it; an mdplug layer in its place would break that code')
+        return d
     hit = next((g for g in exclude if fnmatch.fnmatchcase(name, g)), None)
     if hit is not None:
         d.reason = f'excluded by {hit!r}'
