@@ -58,6 +58,7 @@ def main():
         import json
         with open(args.out, 'w') as f:
             json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
+    runtime.teardown_distributed()
 
 
 if __name__ == '__main__':

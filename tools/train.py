@@ -64,6 +64,7 @@ def main():
     runtime.check_data_roots(cfg)
     runtime.allow_mmengine_checkpoints()
     Runner.from_cfg(cfg).train()
+    runtime.teardown_distributed()
 
 
 if __name__ == '__main__':

@@ -119,6 +119,17 @@ def setup_distributed(cfg, launcher):
     cfg.model_wrapper_cfg = wrapper
 
 
+def teardown_distributed():
+    """End a multi-process job cleanly: wait for every rank, then destroy the process group.
+
+    Without this a gloo rank can exit while the group's threads still run, and the C++ runtime aborts the
+    process ('terminate called without an active exception', SIGABRT) after the work itself succeeded.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def set_trained_temperature(model, cfg):
     """Give ``model`` the softmax temperature its training ended with: ``TemperatureAnnealHook``'s ``end``.
 
