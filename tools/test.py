@@ -5,7 +5,6 @@ A static checkpoint that ``tools/deploy.py`` wrote for an MAConv config is evalu
 """
 import argparse
 import os
-import os.path as osp
 
 from mmengine.config import Config, DictAction
 from mmengine.model import is_model_wrapper
@@ -33,15 +32,7 @@ def parse_args():
 def main():
     args = parse_args()
     cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.data_root:
-        runtime.set_data_root(cfg, args.data_root)
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    runtime.apply_common_args(cfg, args)
     if args.deployed:
         cfg.model = dict(type='mdplug.Compacted', model=cfg.model)
     cfg.load_from, cfg.resume = None, False  # loaded strictly below, not by the Runner

@@ -4,7 +4,6 @@ Multi-process: ``tools/dist_train.sh CONFIG GPUS``; without CUDA the processes r
 """
 import argparse
 import os
-import os.path as osp
 
 import torch
 from mmengine.config import Config, DictAction
@@ -33,15 +32,7 @@ def parse_args():
 
 
 def merge_args(cfg, args):
-    cfg.launcher = args.launcher
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.data_root:
-        runtime.set_data_root(cfg, args.data_root)
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    runtime.apply_common_args(cfg, args)
     if args.amp and torch.cuda.is_available():
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')

@@ -102,6 +102,20 @@ def fix_dataloaders(cfg):
             loader['persistent_workers'] = False
 
 
+def apply_common_args(cfg, args):
+    """What ``tools/train.py`` and ``tools/test.py`` both take: ``--launcher``, ``--cfg-options``, ``--data-root``,
+    ``--work-dir`` (default ``work_dirs/<config name>``)."""
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.data_root:
+        set_data_root(cfg, args.data_root)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+
+
 def setup_distributed(cfg, launcher):
     """Run a ``--launcher pytorch`` job on CPU processes with gloo when there is no CUDA device.
 

@@ -25,8 +25,6 @@ from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_b
 class MultiLayerConv(ConvBase):
     """Base of the multi-layer convs.  Subclasses define ``_mix`` (expanding) and the compact forward."""
 
-    has_dynamic_mix = True
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, m: int = 20,
                  bypass: bool = True, norm: str = 'branch', path: str = 'auto', deploy: bool = False,
@@ -311,11 +309,6 @@ class MultiLayerConv(ConvBase):
             b = torch.cat([torch.zeros_like(self.bias1[:1]).expand(self.out_channels), self.bias1])
         z = self._conv(x, w, b)
         return z[:, :self.out_channels], z[:, self.out_channels:]
-
-    def _finish_factorized(self, y: Tensor, z0: Optional[Tensor]) -> Tensor:
-        if z0 is not None:
-            y = y + z0
-        return y
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f', m={self.m}'

@@ -36,8 +36,6 @@ class MAConv2d(MultiLayerConv):
         deploy: build the compact (fused) form directly, e.g. to load a compact checkpoint.
     """
 
-    has_dynamic_mix = False
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = 'zeros', *, m: int = 20,
                  bypass: bool = True, norm: str = 'branch', act: Optional[str] = None, deploy: bool = False,
