@@ -10,12 +10,18 @@ memory allocated during one step (torch profiler's allocator counter).
     python tools/benchmark.py                              # mobilenetv2_100 and resnet18, batch 1 8 32
     python tools/benchmark.py --model resnet50 --batch 8 --out /tmp/b.md --plot /tmp/b.png
     python tools/benchmark.py --quick                      # 1 model, few repeats: a smoke run
+    python tools/benchmark.py --device cuda --dtype bfloat16 --out docs/benchmarks_cuda_bf16.md  # on a GPU
+
+On CUDA each call is timed with CUDA events (recorded around the call, then synchronised), the peak memory of a
+training step comes from the caching allocator's counters, and ``--dtype float16|bfloat16`` runs every variant
+under ``torch.autocast`` (the weights stay float32, as in mixed-precision training).
 
 Writes ``docs/benchmarks.md`` and ``docs/benchmarks.png`` (``--out``, ``--plot``) and optionally ``--json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -86,18 +92,30 @@ def build_train(static: nn.Module, select: str, names: Sequence[str], variants: 
     return {v: makers[v]().train() for v in variants}
 
 
-def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+               cast: Optional[contextlib.AbstractContextManager] = None) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    cast = cast or contextlib.nullcontext()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), target).backward()
+        with cast:
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
         opt.step()
     return step
 
 
-def peak_step_memory(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated (and not yet freed) during one call of ``fn``, from the profiler's allocator counter."""
+def peak_step_memory(fn: Callable[[], None], device: str = 'cpu') -> int:
+    """Peak bytes allocated (and not yet freed) during one call of ``fn``: the CUDA caching allocator's peak
+    counter on a GPU, the profiler's allocator counter on the CPU."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -113,8 +131,14 @@ def peak_step_memory(fn: Callable[[], None]) -> int:
     return int(max(totals) - totals[0]) if totals else 0
 
 
-def time_round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int, bar) -> Dict[str, dict]:
-    """Wall-clock and process-CPU seconds per call of each function, measured one call of each in turn."""
+def time_round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int, bar,
+                     device: str = 'cpu') -> Dict[str, dict]:
+    """Seconds per call of each function, measured one call of each in turn.
+
+    CPU: wall clock and process CPU time.  CUDA: the time between two CUDA events recorded around the call (the
+    device is synchronised before each call, so no earlier work is counted), and the host's CPU time.
+    """
+    cuda = device.startswith('cuda')
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -122,9 +146,19 @@ def time_round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: i
     times: Dict[str, dict] = {k: dict(wall=[], cpu=[]) for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[k]['wall'].append(time.perf_counter() - t0)
+            if cuda:
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                c0 = time.process_time()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[k]['wall'].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times[k]['wall'].append(time.perf_counter() - t0)
             times[k]['cpu'].append(time.process_time() - c0)
             bar.update(1)
     return times
@@ -137,7 +171,7 @@ def summarise(t: dict) -> dict:
                 cpu_median=statistics.median(t['cpu']))
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device: str = 'cpu', dtype: str = 'float32') -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -148,9 +182,20 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     import timm
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), threads=threads, torch=torch.__version__,
+    info = dict(cpu=cpu, logical_cpus=os.cpu_count(), threads=threads, torch=torch.__version__,
                 timm=timm.__version__, mdplug=mdplug.__version__, python=platform.python_version(),
-                date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))
+                date=datetime.datetime.now().strftime('%Y-%m-%d %H:%M'), device=device, dtype=dtype)
+    if device.startswith('cuda'):
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def autocast(args) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``--dtype`` on ``--device`` (nothing for float32)."""
+    if args.dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(args.device.split(':')[0], dtype=getattr(torch, args.dtype))
 
 
 def wait_for_quiet(limit: float, until: Optional[str]) -> None:
@@ -177,24 +222,26 @@ def run_model(name: str, args, bar) -> dict:
     names = plan(static, 'dyconv', select, example_inputs=example).names
     out = dict(model=name, select=select, converted=len(names), input=list(size), infer={}, train={})
     variants = [v for v in INFER if v in args.variants] if args.variants else list(INFER)
-    models = build_inference(static, select, names, variants)
+    dev = args.device
+    models = {v: m.to(dev) for v, m in build_inference(static, select, names, variants).items()}
     for b in args.batch:
-        x = torch.randn(b, *size)
-        with torch.inference_mode():
+        x = torch.randn(b, *size, device=dev)
+        with torch.inference_mode(), autocast(args):
             fns = {v: (lambda m=m: m(x)) for v, m in models.items()}
-            times = time_round_robin(fns, args.warmup, args.repeats, bar)
+            times = time_round_robin(fns, args.warmup, args.repeats, bar, dev)
         out['infer'][b] = {v: summarise(t) for v, t in times.items()}
     del models
     tvariants = [v for v in TRAIN if v in args.train_variants] if args.train_variants else list(TRAIN)
     train_batches = args.train_batch if not args.train_models or name in args.train_models else []
     for b in train_batches:
-        x = torch.randn(b, *size)
-        target = torch.randint(0, 1000, (b,))
-        fns = {v: train_step(m, x, target) for v, m in build_train(static, select, names, tvariants).items()}
-        times = time_round_robin(fns, 1, args.train_repeats, bar)
+        x = torch.randn(b, *size, device=dev)
+        target = torch.randint(0, 1000, (b,), device=dev)
+        fns = {v: train_step(m.to(dev), x, target, autocast(args))
+               for v, m in build_train(static, select, names, tvariants).items()}
+        times = time_round_robin(fns, args.train_warmup, args.train_repeats, bar, dev)
         res = {v: summarise(t) for v, t in times.items()}
         for v, fn in fns.items():
-            res[v]['peak_bytes'] = peak_step_memory(fn)
+            res[v]['peak_bytes'] = peak_step_memory(fn, dev)
             bar.update(1)
         out['train'][b] = res
     return out
@@ -246,19 +293,25 @@ def targets(r: dict) -> List[str]:
 
 
 def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> str:
-    lines = ['# Benchmarks', '',
+    cuda = info.get('device', 'cpu').startswith('cuda')
+    where = (f"GPU: {info['gpu']} (CUDA {info['cuda']}, cuDNN {info['cudnn']}), host {info['cpu']}"
+             if cuda else f"Machine: {info['cpu']}")
+    precision = ('NCHW float32' if info.get('dtype', 'float32') == 'float32' else
+                 f"NCHW, `torch.autocast` to {info['dtype']} (float32 weights)")
+    timing = ('CUDA events around each call' if cuda else 'wall clock')
+    lines = ['# Benchmarks' + (f" on {info['gpu']}, {info['dtype']}" if cuda else ''), '',
              f"Generated by `python tools/benchmark.py {' '.join(argv)}` on {info['date']}.", '',
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, `torch.set_num_threads({info['threads']})`;"
+             f"{where}, {info['logical_cpus']} logical CPUs, `torch.set_num_threads({info['threads']})`;"
              f" torch {info['torch']}, timm {info['timm']}, mdplug {info['mdplug']}, Python {info['python']}. "
-             f"1-minute load average {load[0]:.2f} at the start and {load[1]:.2f} at the end.", '',
+             f"1-minute load average {load[0]:.2f} at the start and {load[1]:.2f} at the end. Timing: {timing}.", '',
              'Method: every variant is built from the same randomly initialised static model and changes the same '
              'convs; all run in one process, timed round-robin (one call of each in turn). Cells: median ms '
              '(min–max over the repeats), **the ratio of medians to static**, and in brackets the same ratio of the '
-             'process CPU time (less sensitive to other processes on the machine). Inference: eval mode, '
-             '`torch.inference_mode()`, NCHW float32. Training step: forward + cross-entropy + backward + SGD '
+             f"{'host' if cuda else 'process'} CPU time (less sensitive to other processes on the machine). Inference: eval mode, "
+             f'`torch.inference_mode()`, {precision}. Training step: forward + cross-entropy + backward + SGD '
              'step, train mode; peak memory is the most bytes allocated and not yet freed during one step '
-             '(torch profiler allocator counter; parameters and the input are allocated before the step and not '
-             'counted). "dyconv peer-style (groups=B)" is `tools/peers.py`: the per-sample aggregated kernels '
+             f"({'the CUDA caching allocator' if cuda else 'torch profiler allocator'} counter; parameters and the "
+             'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is `tools/peers.py`: the per-sample aggregated kernels '
              'run as one grouped conv with groups=B, as public DYConv code does; "condconv timm" is '
              "`timm.layers.CondConv2d` behind CondConv's sigmoid routing (4 experts).", '']
     for r in results:
@@ -280,7 +333,7 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
                 lines.append(f"| {v} | {_cell(s, base)} | {s['peak_bytes'] / 2**20:.0f} | "
                              f"×{s['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
             lines.append('')
-        t = targets(r) if r['model'] == 'mobilenetv2_100' else []
+        t = targets(r) if r['model'] == 'mobilenetv2_100' and not cuda and info.get('dtype') == 'float32' else []
         if t:
             lines += ['### Targets (issue 5, stated for mobilenetv2_100)', ''] + t + ['']
     return '\n'.join(lines)
@@ -322,7 +375,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--train-warmup', type=int, default=1)
     p.add_argument('--train-repeats', type=int, default=4)
+    p.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'), default='float32',
+                   help='run under torch.autocast to this dtype (float32: no autocast)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--variants', nargs='*', help=f'inference variants (default all): {", ".join(INFER)}')
     p.add_argument('--train-variants', nargs='*', help=f'training variants (default all): {", ".join(TRAIN)}')
@@ -344,12 +401,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.size, args.warmup, args.repeats, args.train_repeats = 128, 1, 3, 2
         args.batch, args.train_batch = [1, 8], [8]
     args.model = args.model or ['mobilenetv2_100', 'resnet18']
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        _parser().error(f'--device {args.device}: torch {torch.__version__} sees no CUDA device')
+    if args.dtype == 'float16' and not args.device.startswith('cuda'):
+        _parser().error('--dtype float16 needs --device cuda (CPU autocast runs bfloat16)')
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     from tqdm import tqdm
     n_inf = len(args.variants or INFER) * len(args.batch) * (args.warmup + args.repeats)
-    n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (1 + args.train_repeats + 1)
+    n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (args.train_warmup + args.train_repeats + 1)
     n_trained = len([m for m in args.model if not args.train_models or m in args.train_models])
     wait_for_quiet(args.wait_load, args.wait_until)
     load0 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
@@ -359,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.set_postfix_str(name)
             results.append(run_model(name, args, bar))
     load1 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, args.device, args.dtype)
     text = markdown(results, info, argv, (load0, load1))
     if args.plot:
         rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))

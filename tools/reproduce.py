@@ -162,6 +162,12 @@ def read_curve(work_dir):
     return [curve.get(e) for e in range(1, max(curve, default=0) + 1)]
 
 
+def device_name():
+    """What the runs of this process train on: the GPU's name, or 'cpu'."""
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -179,7 +185,7 @@ def run_experiment(args, exp, seed):
     call_tool(train + ['--cfg-options'] + cfg_options(args, exp, seed))
     checkpoint = osp.join(wd, f'epoch_{args.epochs}.pth')
     result = dict(key=exp.key, config=exp.config, seed=seed, epochs=args.epochs, train_size=args.train_size,
-                  test_size=args.test_size, batch_size=args.batch_size, curve=read_curve(wd))
+                  test_size=args.test_size, batch_size=args.batch_size, curve=read_curve(wd), device=device_name())
     test_opts = ['--cfg-options'] + cfg_options(args, exp, train=False)
     data_root = ['--data-root', args.data_root] if args.data_root else []
     out = osp.join(wd, 'test_expanding.json')
@@ -221,6 +227,8 @@ def spawn_experiment(args, exp, seed):
     os.makedirs(wd, exist_ok=True)
     log_path = osp.join(wd, 'reproduce.log')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.device == 'cpu':
+        env['CUDA_VISIBLE_DEVICES'] = ''  # mmengine's runner takes a visible GPU by itself
     with open(log_path, 'a') as log:
         proc = subprocess.Popen([sys.executable, osp.abspath(__file__), '--worker', exp.key, str(seed)] + args.argv,
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -418,6 +426,8 @@ def deploy_md(results, keys):
 def setup_md(args, results):
     runs = sum(len(v) for v in results.values())
     seconds = sum(r.get('seconds', 0) for v in results.values() for r in v)
+    devices = sorted({r.get('device', 'cpu') for v in results.values() for r in v})
+    where = ' and '.join('a 2-core CPU machine' if d == 'cpu' else f'one {d} GPU' for d in devices) or 'no machine'
     data = (f'the first {args.train_size} of the 60 000 training images' if args.train_size
             else 'all 60 000 training images')
     test = f'the first {args.test_size} test images' if args.test_size else 'all 10 000 test images'
@@ -426,10 +436,11 @@ def setup_md(args, results):
             f'- Recipe: the configs\' CIFAR recipe (SGD 0.1, momentum 0.9, weight decay 5e-4, cosine to zero) '
             f'shortened to **{args.epochs} epoch(s)**, batch {args.batch_size}, '
             f'seeds {", ".join(map(str, args.seeds))}.\n'
-            f'- {runs} finished runs on this CPU machine, {seconds / 60:.0f} CPU-job minutes in all (train + test + '
-            f'deploy + test, several jobs at once).\n'
+            f'- {runs} finished runs on {where}, {seconds / 60:.0f} job minutes in all (train + test + '
+            f'deploy + test, {args.jobs} jobs at once).\n'
             f'- Command: `python tools/reproduce.py --suite {args.suite} --epochs {args.epochs} '
-            f'--train-size {args.train_size} --seeds {" ".join(map(str, args.seeds))}`')
+            f'--train-size {args.train_size} --seeds {" ".join(map(str, args.seeds))}'
+            f'{" --device cuda" if args.device == "cuda" else ""}`')
 
 
 def plot_curves(results, path, keys=('static', 'maconv', 'mdconv', 'dcd')):
@@ -562,6 +573,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--num-workers', type=int, default=0, help='dataloader workers of every run')
     parser.add_argument('--jobs', type=int, default=2, help='runs at once')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                        help='where the runs train (cuda: results in their own work dir and report)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
     parser.add_argument('--data-root', help='Fashion-MNIST folder (default: the configs\')')
     parser.add_argument('--work-dir', default='work_dirs/reproduce')
@@ -572,15 +585,20 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     recipe = ['--epochs', args.epochs, '--train-size', args.train_size, '--test-size', args.test_size,
               '--batch-size', args.batch_size, '--num-workers', args.num_workers,
-              '--work-dir', osp.abspath(args.work_dir)]
+              '--work-dir', osp.abspath(args.work_dir), '--device', args.device]
     args.argv = [str(a) for a in recipe] + (['--data-root', osp.abspath(args.data_root)] if args.data_root else [])
     # results of different recipes never mix: one folder per (epochs, train size, test size)
-    args.work_dir = osp.join(osp.abspath(args.work_dir), f'e{args.epochs}_n{args.train_size}_t{args.test_size}')
+    tag = f'e{args.epochs}_n{args.train_size}_t{args.test_size}' + ('_cuda' if args.device == 'cuda' else '')
+    args.work_dir = osp.join(osp.abspath(args.work_dir), tag)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == 'cuda' and not args.report_only:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit(f'--device cuda: torch {torch.__version__} sees no CUDA device')
     if args.worker:
         os.chdir(ROOT)
         run_experiment(args, EXPERIMENTS[args.worker[0]], int(args.worker[1]))
