@@ -422,6 +422,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     load1 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     info = machine_info(args.threads, args.device, args.dtype)
     text = markdown(results, info, argv, (load0, load1))
+    others = sorted(f for f in os.listdir(os.path.dirname(os.path.abspath(args.out)))
+                    if f.startswith('benchmarks_') and f.endswith('.md') and f != os.path.basename(args.out))
+    if others:  # the same benchmark on other devices/dtypes (e.g. a lent GPU), kept beside this report
+        text += '\n\nOther runs of this benchmark: ' + ', '.join(f'[{f[:-3]}]({f})' for f in others) + '.\n'
     if args.plot:
         rel = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.out)))
         text += f'\n![inference time relative to static]({rel})\n'
