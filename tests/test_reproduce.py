@@ -34,6 +34,7 @@ def test_tiny_suite_trains_deploys_evaluates_and_reports(tmp_path):
     for result in (maconv, mdconv):
         assert len(result['curve']) == 1
         assert result['compact_accuracy'] == result['accuracy']
+        assert result['device'] == 'cpu'
     assert maconv['compact_form'] == 'static'
     assert maconv['compact_config'].endswith('fashion_mnist/smallnet_x1_static.py')
     assert mdconv['compact_form'] == 'compact'
@@ -49,6 +50,18 @@ def test_tiny_suite_trains_deploys_evaluates_and_reports(tmp_path):
     out = reproduce(tmp_path)
     assert '2/2 runs already finished, 0 running in another process; 0 to run' in out
     assert 'A hand-written note.' in (tmp_path / 'results.md').read_text()
+
+
+def test_cuda_without_a_gpu_is_refused_clearly(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is visible: the refusal cannot happen here')
+    argv = [sys.executable, osp.join(ROOT, 'tools', 'reproduce.py'), '--suite', 'tiny', '--device', 'cuda',
+            '--work-dir', str(tmp_path / 'runs'), '--docs', str(tmp_path / 'r.md')]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert '--device cuda' in proc.stderr and 'sees no CUDA device' in proc.stderr
+    assert not (tmp_path / 'runs').exists()
 
 
 def test_evaluation_uses_the_temperature_training_ended_with():

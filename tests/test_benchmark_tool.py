@@ -1,0 +1,49 @@
+"""tools/benchmark.py on a tiny setting: every variant runs, the report, plot and JSON are written (no timing
+is asserted: the numbers are the tool's output, not a test)."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOL = osp.join(ROOT, 'tools', 'benchmark.py')
+
+pytest.importorskip('matplotlib')
+pytest.importorskip('tqdm')
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin'})
+
+
+def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
+    out, png, raw = tmp_path / 'bench.md', tmp_path / 'bench.png', tmp_path / 'bench.json'
+    proc = run('--model', 'resnet18', '--size', '64', '--batch', '1', '2', '--train-batch', '2', '--warmup', '0',
+               '--repeats', '1', '--train-warmup', '0', '--train-repeats', '1', '--threads', '1',
+               '--out', str(out), '--plot', str(png), '--json', str(raw))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert '## resnet18 (select=spatial: 16 convs replaced' in text
+    for variant in ('static', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
+                    'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
+        assert f'| {variant} |' in text
+    assert png.read_bytes()[:4] == b'\x89PNG'
+    data = json.loads(raw.read_text())
+    assert data['info']['device'] == 'cpu' and data['info']['dtype'] == 'float32'
+    res = data['results'][0]
+    assert set(res['infer']) == {'1', '2'}
+    assert res['infer']['2']['static']['n'] == 1
+    assert res['train']['2']['mdconv expanding']['peak_bytes'] > res['train']['2']['static']['peak_bytes'] > 0
+
+
+def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
+    import torch
+    if not torch.cuda.is_available():
+        proc = run('--device', 'cuda', '--out', str(tmp_path / 'b.md'))
+        assert proc.returncode == 2 and '--device cuda' in proc.stderr and 'no CUDA device' in proc.stderr
+    proc = run('--dtype', 'float16', '--out', str(tmp_path / 'b.md'))
+    assert proc.returncode == 2 and '--dtype float16 needs --device cuda' in proc.stderr
+    assert not (tmp_path / 'b.md').exists()
