@@ -116,12 +116,34 @@ def _table(r: dict, plan_text: Optional[str]) -> str:
     lines += ['', f"{'form':<10} {'params':>9} {'MACs':>9}   (input {'x'.join(map(str, r['input_size']))})"]
     for form in ('static', 'expanding', 'compact'):
         lines.append(f"{form:<10} {_human(r['params'][form]):>9} {_human(r['macs'][form]):>9}")
+    if 'compact_per_sample_weights' in r['macs']:
+        macs = _human(r['macs']['compact_per_sample_weights'])
+        lines.append(f"{'':<10} {'':>9} {macs:>9}   (compact, path='weight' everywhere: the paper's accounting; "
+                     f"'auto' takes the cheaper form per layer)")
     rel = r['max_abs_diff'] / max(r['max_abs_out'], 1e-12)
     lines += ['', f"equivalence (expanding eval vs compact, random BN statistics): max |Δ| = {r['max_abs_diff']:.3g} "
                   f"(max |y| = {r['max_abs_out']:.3g}, relative {rel:.2g}) -> {'OK' if rel <= 1e-4 else 'MISMATCH'}"]
     if r.get('out'):
         lines.append(f"wrote {r['form']} checkpoint {r['out']}")
     return '\n'.join(lines)
+
+
+def _macs_per_sample_weights(compact_model, size) -> Optional[int]:
+    """MACs of the compact model when every dynamic layer generates its per-sample kernel (``path='weight'``),
+    as the paper counts them; None when the model has no layer with a ``path`` choice."""
+    from mdplug.profile import count_macs
+    layers = [m for m in compact_model.modules() if isinstance(getattr(m, 'path', None), str)
+              and hasattr(m, 'choose_path')]
+    if not layers:
+        return None
+    saved = [m.path for m in layers]
+    try:
+        for m in layers:
+            m.path = 'weight'
+        return count_macs(compact_model, size)
+    finally:
+        for m, path in zip(layers, saved):
+            m.path = path
 
 
 def cmd_convert(a) -> int:
@@ -151,10 +173,12 @@ def cmd_convert(a) -> int:
     from mdplug.convert.check import equivalence
     check = equivalence(model, size)
     check.update(params=count_params(check['compact']), macs=count_macs(check['compact'], size))
+    macs_weight = _macs_per_sample_weights(check['compact'], size)
     r = dict(model=a.model, kind=a.kind, select=a.select, m=a.m, replaced=p.names, kept=len(p.skip),
              analysis='fx graph' if p.traced else 'module walk', notes=p.notes + check['notes'],
              params=dict(static=static['params'], expanding=expanding['params'], compact=check['params']),
-             macs=dict(static=static['macs'], expanding=expanding['macs'], compact=check['macs']),
+             macs=dict(static=static['macs'], expanding=expanding['macs'], compact=check['macs'],
+                       **({} if macs_weight is None else {'compact_per_sample_weights': macs_weight})),
              max_abs_diff=check['max_abs_diff'], max_abs_out=check['max_abs_out'], input_size=list(size),
              folded_bias=len(check['folded']), form=a.form, out=a.out)
     if a.out:

@@ -1,5 +1,6 @@
 """The ``mdplug`` command, run as a subprocess, and the checkpoints it writes."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -133,3 +134,7 @@ def test_mobilenetv2_100_default_command():
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     assert '33 convs replaced' in r.stdout and '-> OK' in r.stdout
+    # the paper's Table 1 row (3.5M / 300M static; MDConv 5.0M / 335M counted with a per-sample kernel everywhere)
+    assert re.search(r'static\s+3\.50M\s+300\.77M', r.stdout)
+    assert re.search(r'compact\s+5\.06M\s+320\.57M', r.stdout)
+    assert re.search(r"336\.45M\s+\(compact, path='weight' everywhere: the paper's accounting", r.stdout)
