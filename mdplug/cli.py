@@ -2,7 +2,8 @@
 
 ``mdplug convert --model NAME`` builds the model (a timm name, ``torchvision:NAME`` or an mmpretrain config
 path; random weights), converts it, prints params and MACs of the static, expanding and compact forms and the
-largest |Δ| between the expanding model (eval mode, random BN statistics) and its compact form.
+largest |Δ| between the expanding model (eval mode, BN statistics calibrated on random inputs) and its compact
+form.
 ``mdplug compact --checkpoint IN --out OUT`` turns an expanding checkpoint into a compact one.
 ``mdplug export --model NAME --kind K --onnx OUT.onnx`` writes the compact form as ONNX with a dynamic batch axis
 and checks it with onnxruntime at batch 1, 3 and 16.
@@ -121,7 +122,7 @@ def _table(r: dict, plan_text: Optional[str]) -> str:
         lines.append(f"{'':<10} {'':>9} {macs:>9}   (compact, path='weight' everywhere: the paper's accounting; "
                      f"'auto' takes the cheaper form per layer)")
     rel = r['max_abs_diff'] / max(r['max_abs_out'], 1e-12)
-    lines += ['', f"equivalence (expanding eval vs compact, random BN statistics): max |Δ| = {r['max_abs_diff']:.3g} "
+    lines += ['', f"equivalence (expanding eval vs compact, calibrated BN statistics): max |Δ| = {r['max_abs_diff']:.3g} "
                   f"(max |y| = {r['max_abs_out']:.3g}, relative {rel:.2g}) -> {'OK' if rel <= 1e-4 else 'MISMATCH'}"]
     if r.get('out'):
         lines.append(f"wrote {r['form']} checkpoint {r['out']}")

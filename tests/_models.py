@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from mdplug.convert.check import first_tensor, randomise_bn  # noqa: F401 - used by the tests
+from mdplug.convert.check import calibrate_bn, first_tensor  # noqa: F401 - used by the tests
 from mdplug.convert.checkpoint import build_model
 
 SMALL = (3, 64, 64)

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from _models import build, randomise_bn, exact_convs, relative_diff, small_input
+from _models import build, calibrate_bn, exact_convs, relative_diff, small_input
 from mdplug.convert import NothingToConvert, compact, convert, plan
 from mdplug.convert.passes import compact_with_notes, convert_with_plan
 from mdplug.nn import LAYERS, MAConv2d, MDConv2d
@@ -79,7 +79,7 @@ def test_maconv_compact_is_the_static_model():
     """Paper section 3: MAConv costs nothing at inference; the compact model loads strictly into timm's model."""
     m = build('mobilenetv2_100')
     convert(m, 'maconv')
-    randomise_bn(m, small_input())
+    calibrate_bn(m, small_input())
     m.eval()
     x = small_input()
     with torch.no_grad():
@@ -93,6 +93,26 @@ def test_maconv_compact_is_the_static_model():
     with torch.no_grad():
         assert relative_diff(expanding, static(x)) <= 1e-4
         assert torch.equal(m(x), static(x))
+
+
+def test_calibrate_bn_keeps_deep_activations_order_one():
+    """The check's BN calibration: every BN output of a deep converted net stays O(1) on the checked input
+    (arbitrary statistics gave 1e5 and more), the training flags are kept, the affine parameters are not trivial."""
+    m = convert(build('efficientnet_b2'), 'mdconv', example_inputs=small_input()[:1]).train()
+    m.blocks[1].eval()
+    flags = {k: v.training for k, v in m.named_modules()}
+    x = small_input()
+    calibrate_bn(m, x)
+    assert flags == {k: v.training for k, v in m.named_modules()}
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    assert all(not torch.allclose(b.weight, torch.ones_like(b.weight)) for b in bns)
+    peaks = []
+    for b in bns:
+        b.register_forward_hook(lambda mod, i, o: peaks.append(float(o.abs().max())))
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    assert len(peaks) == len(bns) and max(peaks) < 20
 
 
 def test_compact_keeps_the_bias_when_the_conv_has_several_users():
@@ -113,7 +133,7 @@ def test_compact_keeps_the_bias_when_the_conv_has_several_users():
             return self.head(self.bn(self.a(x)) + y + y.relu())
 
     net = Net().eval()
-    randomise_bn(net, torch.randn(2, 3, 8, 8))
+    calibrate_bn(net, torch.randn(2, 3, 8, 8))
     convert(net, 'maconv')
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -237,15 +257,14 @@ BN_AFTER_CONV = {'resnet10t', 'mobilenetv3_large_100', 'efficientnet_b0', 'lcnet
 
 @pytest.mark.parametrize('name,kind,select,kw', REPRESENTATIVE, ids=[r[0] for r in REPRESENTATIVE])
 def test_compact_equals_expanding(name, kind, select, kw):
-    """Compact equals expanding (eval). DCD's ungated m×m attention makes random-weight deep nets grow
-    quadratically layer after layer until float32 overflows, so DCD is checked in float64."""
-    dtype = torch.float64 if kind == 'dcd' else torch.float32
-    model = build(name, **kw).eval().to(dtype)
-    x = small_input().to(dtype)
+    """Compact equals expanding (eval), with BN statistics calibrated on the input (DCD too: with arbitrary BN
+    statistics its ungated m×m attention grew random-weight deep nets until float32 overflowed)."""
+    model = build(name, **kw).eval()
+    x = small_input()
     model, p = convert_with_plan(model, kind, select=select, example_inputs=x[:1], **({'m': 8} if kind in (
         'mdconv', 'maconv', 'dcd') else {}))
     assert len(p.replace) > 0
-    randomise_bn(model, x)
+    calibrate_bn(model, x)
     with torch.no_grad():
         expanding = model(x)
         model, folded, notes = compact_with_notes(model)

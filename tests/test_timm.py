@@ -4,7 +4,7 @@ import torch
 from timm.utils import reparameterize_model
 
 import mdplug.timm as mt
-from _models import randomise_bn, relative_diff, small_input
+from _models import calibrate_bn, relative_diff, small_input
 from mdplug.convert import convert
 from mdplug.nn import LAYERS, MAConv2d, MDConv2d
 
@@ -30,7 +30,7 @@ def test_reparameterize_model_gives_the_compact_form():
     x = small_input()
     for kind in ('maconv', 'mdconv'):
         m = convert(timm.create_model('mobilenetv2_050'), kind, m=8, example_inputs=x[:1])
-        randomise_bn(m, x)
+        calibrate_bn(m, x)
         m.eval()
         r = reparameterize_model(m)  # a deep copy, fused through each layer's fuse()
         assert not any(isinstance(t, MAConv2d) for t in r.modules())
