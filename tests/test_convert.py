@@ -167,6 +167,14 @@ def test_convs_in_se_gates_are_left_alone_and_subclasses_are_not_mishandled():
     assert all(type(m.get_submodule(n)) is nn.Conv2d for n in p.names)
 
 
+def test_a_model_of_conv2d_subclasses_is_refused_naming_the_type():
+    """NFNets' ScaledStdConv2d standardises its weight in forward: not converted, and the refusal says so first."""
+    m = build('nf_resnet26')
+    with pytest.raises(NothingToConvert, match=r'every conv of the model is an nn\.Conv2d subclass '
+                                               r'\(ScaledStdConv2d ×\d+\) with its own forward'):
+        convert(m)
+
+
 def test_errors_name_the_culprit():
     m = build('convnext_atto', conv_mlp=False)  # its MLPs are nn.Linear
     with pytest.raises(NothingToConvert, match=r'nothing matched.*stem\.0 \(Conv2d.*nn\.Linear'):

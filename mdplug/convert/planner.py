@@ -1,6 +1,7 @@
 """Decide which convs of a model a conversion replaces, and say why for every conv (the dry run)."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
@@ -13,6 +14,7 @@ from mdplug.convert.graph import ConvSite, ModelGraph, analyse
 __all__ = ['Decision', 'Plan', 'plan', 'SELECT_RULES', 'describe_conv']
 
 SELECT_RULES = ('pointwise', 'spatial', 'all')
+_SUBCLASS_REASON = 'is a subclass of nn.Conv2d; only exact nn.Conv2d is converted'
 Select = Union[str, Callable[[str, nn.Module], bool]]
 
 
@@ -95,6 +97,13 @@ class Plan:
     def nothing_matched(self) -> str:
         """The message for a plan that replaces nothing: which convs exist and why each was kept."""
         msg = f'nothing matched select={self.select}'
+        subclasses = collections.Counter(d.type for d in self.skip if d.reason.endswith(_SUBCLASS_REASON))
+        if subclasses:
+            types = ', '.join(f'{t} ×{n}' for t, n in subclasses.most_common())
+            n = sum(subclasses.values())
+            which = 'every conv of the model is' if n == len(self.skip) else f'{n} of its {len(self.skip)} convs are'
+            msg += (f': {which} an nn.Conv2d subclass ({types}) with its own forward, and only exact nn.Conv2d '
+                    'is converted')
         if not self.skip:
             msg += ': the model has no nn.Conv2d'
         else:
@@ -136,7 +145,7 @@ def _decide(site: ConvSite, graph: ModelGraph, select: Select, exclude: Sequence
         d.reason = f'already an mdplug layer ({type(m).__name__})'
         return d
     if type(m) is not nn.Conv2d:
-        d.reason = f'{type(m).__name__} is a subclass of nn.Conv2d; only exact nn.Conv2d is converted'
+        d.reason = f'{type(m).__name__} {_SUBCLASS_REASON}'
         return d
     if site.params_read:
         d.reason = (f'the model reads its {"/".join(sorted(set(site.params_read)))} directly, not only by calling '
