@@ -39,6 +39,19 @@ def test_resnet18_spatial_converts_the_16_block_convs():
     assert all(n.startswith('layer') and n.endswith(('conv1', 'conv2')) for n in p.names)
 
 
+def test_a_map_that_striding_shrank_to_1x1_is_not_taken_for_global_pooling():
+    """On 32×32 images resnet18's last stage works on 1×1 maps; they grow with the image, unlike an SE gate's."""
+    model = timm.create_model('resnet18')
+    p = plan(model, 'mdconv', 'spatial', example_inputs=torch.randn(1, 3, 32, 32))
+    assert len(p.names) == 16 and 'layer4.1.conv2' in p.names
+    model = convert(model, kind='maconv', select='spatial', example_inputs=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert relative_diff(compact(model)(x), y) < 1e-5
+
+
 def test_torchvision_shufflenet_35_pointwise():
     for name in ('torchvision:shufflenet_v2_x0_5', 'torchvision:shufflenet_v2_x1_5'):
         p = plan(build(name))

@@ -96,6 +96,9 @@ class ConvSite:
     users: Optional[List[str]] = None
     on_trunk: Optional[bool] = None
     in_shape: Optional[tuple] = None
+    #: input shape when the example input's height and width are doubled (recorded only for convs that read a
+    #: 1×1 map, to tell a globally pooled map from a feature map that striding shrank to 1×1); None if unknown
+    in_shape_2x: Optional[tuple] = None
     #: parameters of the conv the model's code reads directly (``conv.weight.dtype``, ``F.conv2d(x, conv.weight)``)
     params_read: Tuple[str, ...] = ()
 
@@ -270,18 +273,19 @@ class _ParamReadSpy(nn.Conv2d):
         return super().__getattr__(name)
 
 
-def _record_shapes(model: nn.Module, g: ModelGraph, example_inputs) -> Optional[str]:
-    """Run ``example_inputs`` once (eval, no grad) and store each conv's input shape and whether model code
-    reads its parameters directly (:class:`_ParamReadSpy`); returns an error or None."""
+def _record_shapes(model: nn.Module, g: ModelGraph, example_inputs, field: str = 'in_shape',
+                   spy: bool = True) -> Optional[str]:
+    """Run ``example_inputs`` once (eval, no grad) and store each conv's input shape in ``site.<field>`` and, if
+    ``spy``, whether model code reads its parameters directly (:class:`_ParamReadSpy`); returns an error or None."""
     handles = []
-    spied = [site for site in g.sites.values() if type(site.module) is nn.Conv2d]
+    spied = [site for site in g.sites.values() if type(site.module) is nn.Conv2d] if spy else []
     for site in spied:
         site.module.__class__ = _ParamReadSpy
 
     def hook(name):
         def fn(mod, args):
-            if args and isinstance(args[0], torch.Tensor) and g.sites[name].in_shape is None:
-                g.sites[name].in_shape = tuple(args[0].shape)
+            if args and isinstance(args[0], torch.Tensor) and getattr(g.sites[name], field) is None:
+                setattr(g.sites[name], field, tuple(args[0].shape))
         return fn
 
     for name, site in g.sites.items():
@@ -334,4 +338,12 @@ def analyse(model: nn.Module, example_inputs=None, shapes: bool = True) -> Model
         err = _record_shapes(model, g, example_inputs)
         if err:
             g.note = (g.note + '; ' if g.note else '') + f'example input did not run ({err[:160]}): shapes unknown'
+        elif isinstance(example_inputs, torch.Tensor) and example_inputs.dim() == 4 and any(
+                s.in_shape is not None and tuple(s.in_shape[2:]) == (1, 1) for s in g.sites.values()):
+            # a 1×1 input map: global pooling (an SE gate, a post-pool head) stays 1×1 on a larger image, a feature
+            # map that striding shrank to 1×1 (resnet18's last stage on 32×32 images) grows; a model that only
+            # runs at its own size keeps in_shape_2x None and the map counts as pooled
+            n, c, h, w = example_inputs.shape
+            larger = torch.randn(n, c, 2 * h, 2 * w, generator=torch.Generator().manual_seed(1)).to(example_inputs)
+            _record_shapes(model, g, larger, field='in_shape_2x', spy=False)
     return g

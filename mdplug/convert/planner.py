@@ -132,8 +132,11 @@ def _rule_reason(rule: str, m: nn.Conv2d) -> Tuple[bool, str]:
 
 
 def _pooled(site: ConvSite) -> bool:
-    """The conv reads a 1×1 map (the output of global pooling: an SE gate, a post-pool head)."""
-    return site.in_shape is not None and len(site.in_shape) == 4 and tuple(site.in_shape[2:]) == (1, 1)
+    """The conv reads a globally pooled map (an SE gate, a post-pool head): 1×1 for the example input and still
+    1×1 for an input of twice the size (when the model runs at that size)."""
+    def one_by_one(shape):
+        return shape is not None and len(shape) == 4 and tuple(shape[2:]) == (1, 1)
+    return one_by_one(site.in_shape) and (site.in_shape_2x is None or one_by_one(site.in_shape_2x))
 
 
 def _decide(site: ConvSite, graph: ModelGraph, select: Select, exclude: Sequence[str],
