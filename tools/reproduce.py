@@ -436,8 +436,8 @@ def setup_md(args, results):
             f'- Recipe: the configs\' CIFAR recipe (SGD 0.1, momentum 0.9, weight decay 5e-4, cosine to zero) '
             f'shortened to **{args.epochs} epoch(s)**, batch {args.batch_size}, '
             f'seeds {", ".join(map(str, args.seeds))}.\n'
-            f'- {runs} finished runs on {where}, {seconds / 60:.0f} job minutes in all (train + test + '
-            f'deploy + test, {args.jobs} jobs at once).\n'
+            f'- {runs} finished runs on {where}; their run times (train + test + deploy + test, each as '
+            f'measured, whatever else the machine ran) add up to {seconds / 60:.0f} minutes.\n'
             f'- Command: `python tools/reproduce.py --suite {args.suite} --epochs {args.epochs} '
             f'--train-size {args.train_size} --seeds {" ".join(map(str, args.seeds))}'
             f'{" --device cuda" if args.device == "cuda" else ""}`')
