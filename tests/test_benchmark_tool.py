@@ -21,6 +21,7 @@ def run(*args, timeout=600):
 
 def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     out, png, raw = tmp_path / 'bench.md', tmp_path / 'bench.png', tmp_path / 'bench.json'
+    out.write_text('# old report\n\n<!-- notes:begin -->\nA hand-written reading.\n<!-- notes:end -->\n')
     proc = run('--model', 'resnet18', '--size', '64', '--batch', '1', '2', '--train-batch', '2', '--warmup', '0',
                '--repeats', '1', '--train-warmup', '0', '--train-repeats', '1', '--threads', '1',
                '--out', str(out), '--plot', str(png), '--json', str(raw))
@@ -30,6 +31,7 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     for variant in ('static', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
                     'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
         assert f'| {variant} |' in text
+    assert '# old report' not in text and 'A hand-written reading.' in text  # regenerated, notes kept
     assert png.read_bytes()[:4] == b'\x89PNG'
     data = json.loads(raw.read_text())
     assert data['info']['device'] == 'cpu' and data['info']['dtype'] == 'float32'

@@ -49,6 +49,10 @@ INFER = ('static', 'maconv compact', 'mdconv compact (weight)', 'mdconv compact 
 TRAIN = ('static', 'maconv expanding', 'mdconv expanding', 'dyconv peer-style (groups=B)', 'dyconv mdplug')
 
 
+#: a hand-written section of the report between these markers survives a re-run
+NOTES_BEGIN, NOTES_END = '<!-- notes:begin -->', '<!-- notes:end -->'
+
+
 def default_select(model_name: str) -> str:
     """The paper's placement: 3×3 convs of ResNet blocks (Table 2), pointwise convs elsewhere (Table 1)."""
     return 'spatial' if 'resnet' in model_name.lower() else 'pointwise'
@@ -432,6 +436,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in (args.out, args.plot, args.json):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.isfile(args.out):  # keep the hand-written analysis of an earlier report
+        with open(args.out) as f:
+            old = f.read()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            text += '\n' + NOTES_BEGIN + old.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0] + NOTES_END + '\n'
     with open(args.out, 'w') as f:
         f.write(text + '\n')
     if args.plot:
