@@ -26,3 +26,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a module of small models: on a busy 2-core machine OpenMP's spinning threads slow
+    them down ~50x (``pytestmark = pytest.mark.usefixtures('one_thread')``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from mdplug.mmpretrain import TemperatureAnnealHook, compact_classifier  # noqa:
 from mdplug.nn import LAYERS, DYConv2d, MAConv2d, MDConv2d  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's spinning threads slow these small models down ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(autouse=True)

@@ -23,13 +23,7 @@ LOCAL = ['{}_dataloader.dataset.type=LocalCIFAR10'.format(s) for s in ('train', 
 NO_WORKERS = ['{}_dataloader.num_workers=0'.format(s) for s in ('train', 'val', 'test')]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's spinning threads slow these small models down ~50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def free_port():
