@@ -172,12 +172,7 @@ class MultiLayerConv(ConvBase):
         self._check_fusable()
         fb = self.folded_branches()
         training = self.training
-        # build the compact tensors where the expanding ones live now (the model may have moved since __init__)
-        self._factory = dict(device=self.expand.weight.device, dtype=self.expand.weight.dtype)
-        for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
-            if hasattr(self, name):
-                delattr(self, name)
-        self._build_compact()
+        self._rebuild_compact()
         if fb['w0'] is not None:
             self.weight.copy_(fb['w0'])
         static_bias = fusion._sum_bias(fb['b0'], fb['b2'])
@@ -188,6 +183,15 @@ class MultiLayerConv(ConvBase):
             self.bias1.copy_(fb['b1'])
         self.weight2.copy_(fb['w2'])
         self.train(training)
+
+    def _rebuild_compact(self) -> None:
+        """Drop the expanding submodules and build the (uninitialised) compact parameters in their place, on the
+        device and in the dtype the expanding tensors have now (the model may have moved since ``__init__``)."""
+        self._factory = dict(device=self.expand.weight.device, dtype=self.expand.weight.dtype)
+        for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._build_compact()
 
     def _check_fusable(self) -> None:
         pass

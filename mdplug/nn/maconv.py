@@ -84,12 +84,7 @@ class MAConv2d(MultiLayerConv):
             return
         weight, bias = self.get_equivalent_kernel_bias()
         training = self.training
-        # build the compact tensors where the expanding ones live now (the model may have moved since __init__)
-        self._factory = dict(device=self.expand.weight.device, dtype=self.expand.weight.dtype)
-        for name in ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn', 'bias'):
-            if hasattr(self, name):
-                delattr(self, name)
-        self._build_compact()
+        self._rebuild_compact()
         self.weight.copy_(weight)
         if self.bias is not None:
             self.bias.copy_(bias if bias is not None else torch.zeros_like(self.bias))
