@@ -128,9 +128,10 @@ def test_timm_condconv_wrapper_runs():
 
 
 @pytest.mark.parametrize('cls,kwargs', [(MDConv2d, {}), (MAConv2d, {}), (MDConv2d, dict(gate='softmax'))])
-@pytest.mark.parametrize('k,s', [(1, 1), (3, 2)])
+@pytest.mark.parametrize('k,s', [(1, 1), (1, 2), (3, 2)])
 def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
-    """The memory-saving training path gives the plain autograd path's output, gradients and BN statistics."""
+    """The fused training paths (1×1: the whole layer as matmuls; k×k: the tail after the shared conv) give the
+    plain autograd path's output, gradients and BN statistics."""
     torch.manual_seed(0)
     fused = randomize_bn(cls(6, 10, k, s, k // 2, m=5, **kwargs)).train()
     plain = copy.deepcopy(fused)
@@ -140,6 +141,8 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
     xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(2):  # twice: running statistics and num_batches_tracked advance alike
         yf, yp = fused(xf), plain(xp)
+        expected = '_PointwiseExpanding' if k == 1 else '_ExpandingTail'
+        assert expected in type(yf.grad_fn).__name__ or expected in type(yf.grad_fn.next_functions[0][0]).__name__
         assert rel_err(yf, yp) < 1e-5
         g = torch.randn_like(yf)
         yf.backward(g)
@@ -149,4 +152,31 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
         assert rel_err(pf.grad, pp.grad) < 1e-4, name
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
         assert rel_err(bf.float(), bp.float()) < 1e-6, name
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, MAConv2d])
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_pointwise_training_path_is_exact_in_float64(cls, momentum):
+    """The 1×1 training path derives BN2's statistics and backward from the m×m covariance instead of running a
+    BatchNorm: in float64 it must agree with plain autograd to rounding, for a channels_last input too and with
+    a cumulative-average BN (momentum=None)."""
+    torch.manual_seed(1)
+    fused = randomize_bn(cls(12, 7, 1, m=4)).double().train()
+    for bn in (fused.expand_bn, fused.project_bn):
+        bn.momentum = momentum
+    plain = copy.deepcopy(fused)
+    plain.fuse_training_tail = False
+    x = torch.randn(3, 12, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(3):
+        yf, yp = fused(xf), plain(xp)
+        assert (yf - yp).abs().max() < 1e-12
+        g = torch.randn_like(yp)
+        yf.backward(g)
+        yp.backward(g)
+    assert (xf.grad - xp.grad).abs().max() < 1e-12
+    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
+        assert (pf.grad - pp.grad).abs().max() < 1e-11 * max(1.0, pp.grad.abs().max().item()), name
+    for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
+        assert (bf.double() - bp.double()).abs().max() < 1e-12, name
 

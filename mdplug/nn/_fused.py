@@ -1,4 +1,11 @@
-"""The training-time tail of the expanding form as one autograd function that saves one tensor.
+"""Training-time execution of the expanding form as autograd functions that save little and pass over memory few
+times.  Two of them, both the same function and gradients as plain autograd (tests/test_speed_paths.py):
+
+* :func:`pointwise_expanding` -- a whole 1×1 layer, batched matmuls on (B, C, H·W) views, BN2 never materialised
+  (its batch statistics come from the m×m covariance of its input); the fastest form on CPU.
+* :func:`expanding_tail` -- everything after the shared conv of a k×k layer.
+
+The tail, in detail:
 
 After the shared conv ``z = [W0; W1] ⊛ x`` (q + m channels) the expanding form computes (paper, Eq. 3 / 8)::
 
@@ -89,3 +96,115 @@ def expanding_tail(z: Tensor, coeff: Optional[Tensor], project: nn.Conv2d, bn1: 
     s1 = (bn1.running_mean, bn1.running_var, _bn_factor(bn1), bn1.eps)
     s2 = (bn2.running_mean, bn2.running_var, _bn_factor(bn2), bn2.eps)
     return _ExpandingTail.apply(z, coeff, project.weight, bn1.weight, bn1.bias, bn2.weight, bn2.bias, q, s1, s2)
+
+
+# -- the whole 1×1 layer ------------------------------------------------------------------------------------------
+class _PointwiseExpanding(torch.autograd.Function):
+    """``y = BN1(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x of shape (B, p, N), train-mode BNs.
+
+    BN2 is an affine map of ``u = W2·g`` (``g = a ⊙ BN1(W1·x)``, m channels) whose batch mean and variance follow
+    from g's: ``mean(u) = W2·mean(g)``, ``var(u) = diag(W2·Cov(g)·W2ᵀ)``.  So u is never formed: BN2 folds into
+    the rows of W2 and the output is one batched matmul-add on BN1's q channels.  The backward of BN2 is taken
+    the same way, from the (q, m) matrix Σ dy·gᵀ (also W2's gradient) and Cov(g).  Saved: x, W0·x, W1·x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, coeff: Optional[Tensor], w0: Tensor, w1: Tensor, w2: Tensor, g0: Tensor,
+                b0: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, bn0: tuple, bn1: tuple,
+                bn2: tuple) -> Tensor:
+        batch = x.shape[0]
+        n = batch * x.shape[2]
+        (rm0, rv0, f0, eps0), (rm1, rv1, f1, eps1), (rm2, rv2, f2, eps2) = bn0, bn1, bn2
+        z0 = torch.bmm(w0.expand(batch, -1, -1), x)
+        z1 = torch.bmm(w1.expand(batch, -1, -1), x)
+        y, mean0, invstd0 = torch.native_batch_norm(z0, g0, b0, rm0, rv0, True, f0, eps0)
+        h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
+        g = h * coeff[:, :, None] if coeff is not None else h
+        mean_g = g.sum((0, 2)) / n
+        centred = g - mean_g[:, None]
+        cov_g = torch.bmm(centred, centred.transpose(1, 2)).sum(0) / n          # (m, m), biased
+        del centred
+        mean2 = w2 @ mean_g
+        var2 = ((w2 @ cov_g) * w2).sum(1)
+        invstd2 = torch.rsqrt(var2 + eps2)
+        scale2 = g2 * invstd2
+        if rm2 is not None:  # what native_batch_norm does to its running statistics (unbiased variance)
+            rm2.mul_(1 - f2).add_(mean2, alpha=f2)
+            rv2.mul_(1 - f2).add_(var2 * (n / max(n - 1, 1)), alpha=f2)
+        y.add_((b2 - mean2 * scale2)[:, None]).baddbmm_((w2 * scale2[:, None]).expand(batch, -1, -1), g)
+        ctx.save_for_backward(x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1,
+                              mean_g, cov_g, mean2, invstd2)
+        ctx.eps = (eps0, eps1)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        (x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1, mean_g, cov_g, mean2,
+         invstd2) = ctx.saved_tensors
+        eps0, eps1 = ctx.eps
+        batch = x.shape[0]
+        n = batch * x.shape[2]
+        dy = dy.contiguous()
+        dz0, dg0, db0 = torch.ops.aten.native_batch_norm_backward(
+            dy, z0, g0, None, None, mean0, invstd0, True, eps0, [True, True, True])
+        sum_dy = db0
+        # recompute h = BN1(W1·x) and g = a ⊙ h (m channels)
+        scale1 = g1 * invstd1
+        h = torch.addcmul((b1 - mean1 * scale1)[:, None], z1, scale1[:, None])
+        g = h * coeff[:, :, None] if coeff is not None else h
+        # BN2 backward with u = W2·g not materialised; du = s2 ⊙ (dy - mean(dy) - û ⊙ k),  û = (u - mean2)·invstd2
+        gram = torch.bmm(dy, g.transpose(1, 2)).sum(0)                          # Σ dy·gᵀ, (q, m)
+        scale2 = g2 * invstd2
+        dgamma2 = invstd2 * ((w2 * gram).sum(1) - mean2 * sum_dy)               # Σ dy ⊙ û
+        k = dgamma2 / n
+        mean_dy = sum_dy / n
+        sum_g = mean_g * n
+        second_g = cov_g * n + torch.outer(sum_g, mean_g)                       # Σ g·gᵀ
+        dw2 = scale2[:, None] * (gram - torch.outer(mean_dy, sum_g)
+                                 - (k * invstd2)[:, None] * (w2 @ second_g - torch.outer(mean2, sum_g)))
+        # dg = W2ᵀ·du = P·dy + R·g + c
+        kk = scale2 * k * invstd2
+        p_mat = (w2 * scale2[:, None]).t()
+        r_mat = -(w2.t() * kk) @ w2
+        c_vec = w2.t() @ (kk * mean2 - scale2 * mean_dy)
+        dg = torch.baddbmm(c_vec[None, :, None], r_mat.expand(batch, -1, -1), g)
+        dg.baddbmm_(p_mat.expand(batch, -1, -1), dy)
+        dcoeff = None
+        if coeff is not None:
+            if ctx.needs_input_grad[1]:
+                dcoeff = (dg * h).sum(2)
+            dg = dg * coeff[:, :, None]
+        dz1, dg1, db1 = torch.ops.aten.native_batch_norm_backward(
+            dg, z1, g1, None, None, mean1, invstd1, True, eps1, [True, True, True])
+        dx = torch.bmm(w0.t().expand(batch, -1, -1), dz0).baddbmm_(w1.t().expand(batch, -1, -1), dz1)
+        xt = x.transpose(1, 2)
+        dw0 = torch.bmm(dz0, xt).sum(0)
+        dw1 = torch.bmm(dz1, xt).sum(0)
+        return dx, dcoeff, dw0, dw1, dw2, dg0, db0, dg1, db1, dgamma2, sum_dy, None, None, None
+
+
+def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, project: nn.Conv2d,
+                        bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d, q: int, stride) -> Tensor:
+    """The expanding form of a 1×1 layer in train mode: ``BN2(W2·(coeff ⊙ BN1(W1·x))) + BN1(W0·x)``.
+
+    ``x``: (B, p, H, W); ``weight``: the shared (q + m, p, 1, 1) kernel [W0; W1]; ``coeff``: (B, m) or None.
+    Returns (B, q, H', W').  Same output, gradients and running statistics as the modules, in fewer passes.
+    """
+    sh, sw = stride
+    if sh > 1 or sw > 1:
+        x = x[:, :, ::sh, ::sw]
+    b, p, h, w = x.shape
+    flat = x.reshape(b, p, h * w)
+    w2d = weight.reshape(weight.shape[0], p)
+    f1, f2 = _bn_factor(bn1), _bn_factor(bn2)
+
+    def stats(lo, hi):
+        rm, rv = bn1.running_mean, bn1.running_var
+        return rm[lo:hi], rv[lo:hi], f1, bn1.eps
+
+    y = _PointwiseExpanding.apply(
+        flat, coeff, w2d[:q], w2d[q:], project.weight.reshape(q, -1), bn1.weight[:q], bn1.bias[:q],
+        bn1.weight[q:], bn1.bias[q:], bn2.weight, bn2.bias, stats(0, q), stats(q, None),
+        (bn2.running_mean, bn2.running_var, f2, bn2.eps))
+    return y.view(b, q, h, w)

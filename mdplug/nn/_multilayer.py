@@ -203,8 +203,9 @@ class MultiLayerConv(ConvBase):
     #: how ``_mix`` acts, for the fused training tail: ``'diag'`` (a (B, m) scale), ``'identity'``, or None
     #: (anything else: the plain autograd path)
     fused_mix: Optional[str] = None
-    #: train-mode forward through :func:`~mdplug.nn._fused.expanding_tail` (same function and gradients, less
-    #: memory); set False on an instance to use plain autograd
+    #: train-mode forward through :mod:`~mdplug.nn._fused` (1×1 layers: the whole layer as batched matmuls; others:
+    #: the tail after the shared conv; same function and gradients, less memory and time); set False on an
+    #: instance to use plain autograd
     fuse_training_tail: bool = True
 
     def _use_fused_tail(self) -> bool:
@@ -217,6 +218,9 @@ class MultiLayerConv(ConvBase):
         # the fused tail runs its BNs in the input's dtype: under autocast use plain autograd (mixed dtypes)
         if self._use_fused_tail() and not torch.is_autocast_enabled(x.device.type):
             coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
+            if self._is_pointwise() and x.dtype in (torch.float32, torch.float64):
+                return _fused.pointwise_expanding(x, coeff, self.expand.weight, self.project, self.expand_bn,
+                                                  self.project_bn, q, self.stride)
             return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
         z = self.expand(x)
         if self.norm == 'branch':
