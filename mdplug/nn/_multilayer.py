@@ -296,10 +296,11 @@ class MultiLayerConv(ConvBase):
         b, p, h, w = x.shape
         q = self.out_channels
         flat = x.reshape(b, p, h * w)
-        inner = torch.matmul(self.weight1.reshape(self.m, p), flat)            # (B, m, HW)
+        # bmm with the kernel expanded over the batch: matmul of a matrix with a batch would copy x transposed
+        inner = torch.bmm(self.weight1.reshape(self.m, p).expand(b, -1, -1), flat)      # (B, m, HW)
         base = None
         if self.weight is not None:
-            base = torch.matmul(self.weight.reshape(q, p), flat)               # (B, q, HW)
+            base = torch.bmm(self.weight.reshape(q, p).expand(b, -1, -1), flat)         # (B, q, HW)
             if bias is not None:
                 base = base + bias.unsqueeze(-1)
         elif bias is not None:
