@@ -180,3 +180,12 @@ def test_pointwise_training_path_is_exact_in_float64(cls, momentum):
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
         assert (bf.double() - bp.double()).abs().max() < 1e-12, name
 
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_fused_training_paths_refuse_one_value_per_channel_like_batchnorm(k):
+    """Batch 1 with a 1×1 output map: train-mode BatchNorm has no variance to use; the fused paths say so as
+    nn.BatchNorm2d does instead of normalising by eps."""
+    layer = MDConv2d(4, 6, k, padding=k // 2).train()
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        layer(torch.randn(1, 4, 1, 1))

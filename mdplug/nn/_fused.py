@@ -35,6 +35,12 @@ def _bn_factor(bn: nn.BatchNorm2d) -> float:
     return 0.0 if bn.momentum is None else bn.momentum
 
 
+def _check_batch(shape) -> None:
+    """The check ``F.batch_norm`` makes in train mode (these functions call the kernels directly)."""
+    if shape[0] * (shape[2] if len(shape) == 3 else shape[2] * shape[3]) == 1:
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {tuple(shape)}')
+
+
 def can_fuse(bn: nn.Module) -> bool:
     """Plain affine BatchNorm2d with running statistics (the layers' own BNs, unless someone replaced them)."""
     return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_mean is not None
@@ -93,6 +99,7 @@ def expanding_tail(z: Tensor, coeff: Optional[Tensor], project: nn.Conv2d, bn1: 
 
     ``z``: (B, q + m, H, W); ``coeff``: (B, m) or None (identity); returns (B, q, H, W).
     """
+    _check_batch(z.shape)
     s1 = (bn1.running_mean, bn1.running_var, _bn_factor(bn1), bn1.eps)
     s2 = (bn2.running_mean, bn2.running_var, _bn_factor(bn2), bn2.eps)
     return _ExpandingTail.apply(z, coeff, project.weight, bn1.weight, bn1.bias, bn2.weight, bn2.bias, q, s1, s2)
@@ -196,6 +203,7 @@ def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, proj
         x = x[:, :, ::sh, ::sw]
     b, p, h, w = x.shape
     flat = x.reshape(b, p, h * w)
+    _check_batch(flat.shape)
     w2d = weight.reshape(weight.shape[0], p)
     f1, f2 = _bn_factor(bn1), _bn_factor(bn2)
 
