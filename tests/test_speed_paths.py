@@ -156,12 +156,13 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
 
 @pytest.mark.parametrize('cls', [MDConv2d, MAConv2d])
 @pytest.mark.parametrize('momentum', [0.1, None])
-def test_pointwise_training_path_is_exact_in_float64(cls, momentum):
-    """The 1×1 training path derives BN2's statistics and backward from the m×m covariance instead of running a
-    BatchNorm: in float64 it must agree with plain autograd to rounding, for a channels_last input too and with
-    a cumulative-average BN (momentum=None)."""
+@pytest.mark.parametrize('k', [1, 3])
+def test_fused_training_paths_are_exact_in_float64(cls, momentum, k):
+    """The fused training paths derive BN2's statistics and backward from the m×m covariance instead of running
+    a BatchNorm: in float64 they must agree with plain autograd to rounding, for a channels_last input too and
+    with a cumulative-average BN (momentum=None)."""
     torch.manual_seed(1)
-    fused = randomize_bn(cls(12, 7, 1, m=4)).double().train()
+    fused = randomize_bn(cls(12, 7, k, padding=k // 2, m=4)).double().train()
     for bn in (fused.expand_bn, fused.project_bn):
         bn.momentum = momentum
     plain = copy.deepcopy(fused)
@@ -180,6 +181,19 @@ def test_pointwise_training_path_is_exact_in_float64(cls, momentum):
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):
         assert (bf.double() - bp.double()).abs().max() < 1e-12, name
 
+
+def test_bfloat16_layer_trains_through_plain_autograd():
+    """The fused functions keep m×m statistics in the input's dtype, so they run for float32/float64 only; a
+    bfloat16 layer trains through the modules (and gives their result)."""
+    torch.manual_seed(2)
+    layer = randomize_bn(MDConv2d(8, 6, 1, m=4)).train()
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    x = torch.randn(4, 8, 5, 5)
+    y = low(x.to(torch.bfloat16))
+    assert 'Expanding' not in type(y.grad_fn).__name__
+    y.float().square().sum().backward()
+    assert low.expand.weight.grad is not None
+    assert rel_err(y.float(), layer(x)) < 3e-2
 
 
 @pytest.mark.parametrize('k', [1, 3])

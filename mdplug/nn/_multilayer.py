@@ -215,10 +215,11 @@ class MultiLayerConv(ConvBase):
 
     def forward_expanding(self, x: Tensor) -> Tensor:
         q = self.out_channels
-        # the fused tail runs its BNs in the input's dtype: under autocast use plain autograd (mixed dtypes)
-        if self._use_fused_tail() and not torch.is_autocast_enabled(x.device.type):
+        # the fused functions run in one dtype, float32 or float64: under autocast, plain autograd (mixed dtypes)
+        if (self._use_fused_tail() and x.dtype in _fused.DTYPES and self.expand.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
             coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
-            if self._is_pointwise() and x.dtype in (torch.float32, torch.float64):
+            if self._is_pointwise():
                 return _fused.pointwise_expanding(x, coeff, self.expand.weight, self.project, self.expand_bn,
                                                   self.project_bn, q, self.stride)
             return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
