@@ -5,7 +5,6 @@ with temperature 30.  ``set_temperature`` supports DYConv's temperature annealin
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
