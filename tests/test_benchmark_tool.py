@@ -38,6 +38,7 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     res = data['results'][0]
     assert set(res['infer']) == {'1', '2'}
     assert res['infer']['2']['static']['n'] == 1
+    assert res['infer']['1']['static']['n'] == 2  # half the batch, twice the rounds
     assert res['train']['2']['mdconv expanding']['peak_bytes'] > res['train']['2']['static']['peak_bytes'] > 0
 
 

@@ -2,7 +2,8 @@
 
 Every variant of one model is built from the same static network and changes the same convs (the paper's choice:
 pointwise convs of MobileNetV2, the 3×3 convs of ResNet's blocks; ``--select`` overrides).  All variants run in
-one process and are timed round-robin (one call of each in turn, ``--repeats`` rounds after ``--warmup``), so
+one process and are timed round-robin (one call of each in turn, ``--repeats`` rounds after ``--warmup`` at the
+largest batch, proportionally more at smaller ones so every batch size is measured for about as long), so
 load from other processes falls on all of them alike; the tables give the median, the spread (min–max) and the
 ratio of medians to the static model.  Training steps (forward + backward + SGD step) also report the peak
 memory allocated during one step (torch profiler's allocator counter).
@@ -135,6 +136,12 @@ def peak_step_memory(fn: Callable[[], None], device: str = 'cpu') -> int:
     return int(max(totals) - totals[0]) if totals else 0
 
 
+def rounds(args, b: int) -> int:
+    """Timed rounds at inference batch ``b``: ``--repeats`` at the largest batch, ×(largest / b) below it (a
+    batch-1 call is short, so a few calls would give a noisy median)."""
+    return max(args.repeats, args.repeats * max(args.batch) // b)
+
+
 def time_round_robin(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int, bar,
                      device: str = 'cpu') -> Dict[str, dict]:
     """Seconds per call of each function, measured one call of each in turn.
@@ -232,7 +239,7 @@ def run_model(name: str, args, bar) -> dict:
         x = torch.randn(b, *size, device=dev)
         with torch.inference_mode(), autocast(args):
             fns = {v: (lambda m=m: m(x)) for v, m in models.items()}
-            times = time_round_robin(fns, args.warmup, args.repeats, bar, dev)
+            times = time_round_robin(fns, args.warmup, rounds(args, b), bar, dev)
         out['infer'][b] = {v: summarise(t) for v, t in times.items()}
     del models
     tvariants = [v for v in TRAIN if v in args.train_variants] if args.train_variants else list(TRAIN)
@@ -309,7 +316,8 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              f" torch {info['torch']}, timm {info['timm']}, mdplug {info['mdplug']}, Python {info['python']}. "
              f"1-minute load average {load[0]:.2f} at the start and {load[1]:.2f} at the end. Timing: {timing}.", '',
              'Method: every variant is built from the same randomly initialised static model and changes the same '
-             'convs; all run in one process, timed round-robin (one call of each in turn). Cells: median ms '
+             'convs; all run in one process, timed round-robin (one call of each in turn; the smaller the batch, the '
+             'more rounds: --repeats × largest batch / batch). Cells: median ms '
              '(min–max over the repeats), **the ratio of medians to static**, and in brackets the same ratio of the '
              f"{'host' if cuda else 'process'} CPU time (less sensitive to other processes on the machine). Inference: eval mode, "
              f'`torch.inference_mode()`, {precision}. Training step: forward + cross-entropy + backward + SGD '
@@ -378,7 +386,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--train-models', nargs='*', help='models whose training step is measured (default: all)')
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--repeats', type=int, default=9,
+                   help='timed rounds at the largest inference batch (smaller batches: proportionally more)')
     p.add_argument('--train-warmup', type=int, default=1)
     p.add_argument('--train-repeats', type=int, default=4)
     p.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
@@ -413,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     from tqdm import tqdm
-    n_inf = len(args.variants or INFER) * len(args.batch) * (args.warmup + args.repeats)
+    n_inf = len(args.variants or INFER) * sum(args.warmup + rounds(args, b) for b in args.batch)
     n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (args.train_warmup + args.train_repeats + 1)
     n_trained = len([m for m in args.model if not args.train_models or m in args.train_models])
     wait_for_quiet(args.wait_load, args.wait_until)
