@@ -190,6 +190,18 @@ def test_auto_path_follows_mac_count():
     assert big.choose_path(torch.zeros(1, 512, 4, 4)) == 'factorized'
 
 
+def test_auto_path_weighs_per_sample_macs_above_batch_one():
+    """With a batch, the factorized form's main product is one conv over the batch; per-sample kernels must save
+    per_sample_mac_weight (8) times the MACs.  mobilenetv2_100's 96→576 layer at 14×14: 576·20·96 = 1.1M per
+    sample vs (20·96 + 576·20)·196 = 2.6M."""
+    layer = MDConv2d(96, 576, 1, m=20, deploy=True)
+    assert layer.choose_path(torch.zeros(1, 96, 14, 14)) == 'weight'
+    assert layer.choose_path(torch.zeros(8, 96, 14, 14)) == 'factorized'
+    assert layer.choose_path(torch.zeros(8, 96, 56, 56)) == 'weight'     # 8.8M < 42M
+    layer.per_sample_mac_weight = 1.0
+    assert layer.choose_path(torch.zeros(8, 96, 14, 14)) == 'weight'
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(groups=2), 'groups=2'),
     (dict(padding_mode='reflect'), 'padding_mode'),

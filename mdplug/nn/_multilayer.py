@@ -246,18 +246,33 @@ class MultiLayerConv(ConvBase):
         raise NotImplementedError
 
     # -- compact execution helpers ------------------------------------------------------------------------------
+    #: weight of a per-sample-kernel MAC against a MAC of the factorized form for 1×1 layers once the batch is
+    #: > 1 (or unknown, while tracing).  Then the factorized form's main product is one conv over the whole
+    #: batch, while the per-sample path writes B kernels and runs B small matmuls; measured on CPU
+    #: (mobilenetv2_100's layers at batch 8 and 32) it pays only when it saves about 8× the MACs.  At batch 1
+    #: both are single products, and k×k layers run their per-sample kernels as one grouped conv: there the MACs
+    #: decide as they are (resnet18 at batch 8: no gain from weighting).
+    per_sample_mac_weight: float = 8.0
+
+    def _per_sample_weight(self, x: Tensor) -> float:
+        if not self.per_sample_conv_is_batch_agnostic() or (not tracing_for_export() and x.shape[0] == 1):
+            return 1.0
+        return self.per_sample_mac_weight
+
     def choose_path(self, x: Tensor) -> str:
         """``'weight'`` or ``'factorized'`` for this input, by multiply-accumulate count (issue: core, 4).
 
         Per-sample weight generation costs q·m·p·k² per sample; the factorized form costs (m·p·k² + q·m)·H'·W'
-        per sample on top of the static conv both share.  Depends on the spatial size only, never on the batch.
+        per sample on top of the static conv both share.  At batch 1 the MACs decide; above it a 1×1 layer's
+        per-sample MACs count :attr:`per_sample_mac_weight` times (see there).
         """
         if self.path != 'auto':
             return self.path
         p, q, m = self.in_channels, self.out_channels, self.m
         kk = self.kernel_size[0] * self.kernel_size[1]
         oh, ow = self._out_hw(x.shape[-2], x.shape[-1])
-        return 'weight' if q * m * p * kk <= (m * p * kk + q * m) * oh * ow else 'factorized'
+        per_sample = self._per_sample_weight(x) * q * m * p * kk
+        return 'weight' if per_sample <= (m * p * kk + q * m) * oh * ow else 'factorized'
 
     def compact_path(self, x: Tensor) -> str:
         """The path the compact forward takes: :meth:`choose_path`, except that while tracing for export a k×k
@@ -309,16 +324,31 @@ class MultiLayerConv(ConvBase):
         y = torch.bmm(left, inner) if base is None else torch.baddbmm(base, left, inner)
         return y.reshape(b, q, h, w)
 
-    def _factorized_first(self, x: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        """One conv computing W0'⊛x (q channels, no bias) and W1'⊛x + b1' (m channels)."""
+    def _factorized(self, x: Tensor, left: Tensor) -> Tensor:
+        """The factorized compact form as one static conv and one batched matmul-add::
+
+            [z0; h] = [W0'; W1'] ⊛ x + [b'; b1']        (q + m channels, the whole batch in one conv)
+            y = z0 + left·h                              (left = W2'·A(x) or W2'·Φ(x), (B, q, m))
+
+        which is Eq. 6–7 applied without forming a kernel: left·(W1'⊛x + b1') + W0'⊛x + b'.  Any kernel size
+        and batch; every shape is read from the conv's output, so it exports with a dynamic batch.
+        """
+        q, m = self.out_channels, self.m
         if self.weight is None:
-            return None, self._conv(x, self.weight1, self.bias1)
-        w = torch.cat([self.weight, self.weight1])
-        b = None
-        if self.bias1 is not None:
-            b = torch.cat([torch.zeros_like(self.bias1[:1]).expand(self.out_channels), self.bias1])
-        z = self._conv(x, w, b)
-        return z[:, :self.out_channels], z[:, self.out_channels:]
+            h = self._conv(x, self.weight1, self.bias1)
+            b, _, oh, ow = h.shape
+            y = torch.bmm(left, h.reshape(b, m, oh * ow))
+            if self.bias is not None:
+                y = y + self.bias[:, None]
+            return y.view(b, q, oh, ow)
+        bias = None
+        if self.bias is not None or self.bias1 is not None:
+            bias = torch.cat([self.bias if self.bias is not None else self.weight.new_zeros(q),
+                              self.bias1 if self.bias1 is not None else self.weight.new_zeros(m)])
+        z = self._conv(x, torch.cat([self.weight, self.weight1]), bias)
+        b, _, oh, ow = z.shape
+        y = torch.baddbmm(z[:, :q].reshape(b, q, oh * ow), left, z[:, q:].reshape(b, m, oh * ow))
+        return y.view(b, q, oh, ow)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f', m={self.m}'

@@ -47,9 +47,13 @@ class DCDConv2d(MDConv2d):
         b, m, hh, ww = h.shape
         return (phi @ h.reshape(b, m, hh * ww)).reshape(b, m, hh, ww)
 
+    def _left(self, phi: Tensor) -> Tensor:
+        """``W2'·Φ(x)``, (B, q, m)."""
+        return torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
+
     def _left_and_bias(self, phi: Tensor):
         """``W2'·Φ(x)`` (B, q, m) and the bias ``W2'·Φ(x)·b1' + b'`` (B, q) or None."""
-        left = torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
+        left = self._left(phi)
         return left, self._static_bias(None if self.bias1 is None else torch.matmul(left, self.bias1))
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
@@ -62,4 +66,5 @@ class DCDConv2d(MDConv2d):
         p, q, m = self.in_channels, self.out_channels, self.m
         kk = self.kernel_size[0] * self.kernel_size[1]
         oh, ow = self._out_hw(x.shape[-2], x.shape[-1])
-        return 'weight' if q * m * (m + p * kk) <= (m * p * kk + m * m + q * m) * oh * ow else 'factorized'
+        per_sample = self._per_sample_weight(x) * q * m * (m + p * kk)
+        return 'weight' if per_sample <= (m * p * kk + m * m + q * m) * oh * ow else 'factorized'

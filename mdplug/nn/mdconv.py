@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice
+from ._common import Attention, _check_choice, tracing_for_export
 from ._multilayer import MultiLayerConv
 
 
@@ -26,7 +26,8 @@ class MDConv2d(MultiLayerConv):
     ``b(x) = W2'·A(x)·b1' + b'`` (exact, not approximate).  It runs as either
 
     * ``path='weight'``: generate the (B, q, p, k, k) kernels and run them in one batched call; or
-    * ``path='factorized'``: W0' and W1' as one conv, A on the m middle channels, then W2' (no BN left);
+    * ``path='factorized'``: W0' and W1' as one conv over the batch, then ``+ W2'·A(x)·(W1' ⊛ x)`` as one
+      batched matmul-add (no kernel formed, no BN left);
 
     ``path='auto'`` picks by multiply-accumulate count for the input's spatial size.
 
@@ -79,11 +80,14 @@ class MDConv2d(MultiLayerConv):
         if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
-        if self.per_sample_conv_is_batch_agnostic():
+        if self.per_sample_conv_is_batch_agnostic() and not tracing_for_export() and x.shape[0] == 1:
+            # one sample: plain matmuls on the (p, H·W) view beat the conv (measured, mobilenetv2_100 7×7 layers)
             return self._pointwise_factorized(x, *self._left_and_bias(coeff))
-        z0, h = self._factorized_first(x)
-        y = self._conv_project(self._apply_coefficients(h, coeff))
-        return y if z0 is None else y + z0
+        return self._factorized(x, self._left(coeff))
+
+    def _left(self, coeff: Tensor) -> Tensor:
+        """``W2'·A(x)``, (B, q, m): A scales the columns of W2' by broadcasting."""
+        return self.weight2.reshape(self.out_channels, self.m) * coeff.unsqueeze(1)
 
     def _left_and_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and the bias of Eq. 7,
@@ -100,12 +104,6 @@ class MDConv2d(MultiLayerConv):
     def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6–7 from the stored compact parameters with few ops."""
         return self._dynamic_kernel_bias(*self._left_and_bias(coeff))
-
-    def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
-        return h * coeff[:, :, None, None]
-
-    def _conv_project(self, h: Tensor) -> Tensor:
-        return torch.nn.functional.conv2d(h, self.weight2, self.bias)
 
     def set_temperature(self, t: float) -> None:
         """Set the attention's softmax/sigmoid temperature (for annealing schedules)."""
