@@ -3,6 +3,9 @@
 #
 #   bash tools/cuda_checks.sh OUTDIR [BENCH_SECONDS] [REPRODUCE_SECONDS]
 #
+# 0. correctness on the GPU of the fused training functions (1×1 and k×k, MDConv and MAConv: output, every
+#    gradient and the BN running statistics against plain autograd) and of every compact path against the
+#    expanding form in eval mode, float32, at batch 1 and 5; mismatches are printed and set the exit status;
 # 1. tools/benchmark.py on mobilenetv2_100 and resnet18 with --device cuda, float32 then bfloat16 autocast
 #    (CUDA events, more repeats than on the CPU), each capped by `timeout`;
 # 2. tools/reproduce.py --device cuda: Table 5's suite on all 60 000 Fashion-MNIST images for 10 epochs, 3 seeds,
@@ -24,6 +27,49 @@ import torch, timm
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__)
 print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 EOF
+
+python3 - <<'EOF' 2>&1 | tee "$out/cuda_correctness.txt"
+import copy, sys, torch
+from mdplug import MAConv2d, MDConv2d, DCDConv2d
+dev, bad = 'cuda', 0
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+def randomize(layer):
+    with torch.no_grad():
+        for m in layer.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5); m.bias.normal_(0, 0.3)
+                m.running_mean.normal_(0, 0.3); m.running_var.uniform_(0.5, 2.0)
+    return layer
+torch.manual_seed(0)
+for cls in (MDConv2d, MAConv2d):
+    for k, s in ((1, 1), (1, 2), (3, 1), (3, 2)):
+        fused = randomize(cls(24, 40, k, s, k // 2, m=8)).to(dev).train()
+        plain = copy.deepcopy(fused); plain.fuse_training_tail = False
+        x = torch.randn(6, 24, 15, 15, device=dev)
+        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yp = fused(xf), plain(xp)
+        g = torch.randn_like(yp); yf.backward(g); yp.backward(g)
+        errs = [rel(yf, yp), rel(xf.grad, xp.grad)]
+        errs += [rel(a.grad, b.grad) for a, b in zip(fused.parameters(), plain.parameters())]
+        errs += [rel(a.float(), b.float()) for a, b in zip(fused.buffers(), plain.buffers())]
+        ok = max(errs) < 1e-4; bad += not ok
+        print(f'train {cls.__name__} k={k} s={s}: max rel err {max(errs):.2e}', 'OK' if ok else 'MISMATCH')
+for cls in (MDConv2d, DCDConv2d):
+    for k in (1, 3):
+        layer = randomize(cls(24, 40, k, 1, k // 2, m=8)).to(dev).eval()
+        comp = layer.fuse()
+        for b in (1, 5):
+            x = torch.randn(b, 24, 15, 15, device=dev)
+            with torch.no_grad():
+                want = layer(x)
+                for path in ('weight', 'factorized', 'auto'):
+                    comp.path = path
+                    e = rel(comp(x), want); ok = e < 1e-4; bad += not ok
+                    print(f'compact {cls.__name__} k={k} batch {b} {path}: rel err {e:.2e}', 'OK' if ok else 'MISMATCH')
+sys.exit(1 if bad else 0)
+EOF
+echo "correctness: exit ${PIPESTATUS[0]}"
 
 bench() {  # dtype seconds
   timeout "$2" python3 tools/benchmark.py --device cuda --dtype "$1" --batch 1 8 32 128 --train-batch 32 128 \
