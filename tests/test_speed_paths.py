@@ -182,6 +182,25 @@ def test_fused_training_paths_are_exact_in_float64(cls, momentum, k):
         assert (bf.double() - bp.double()).abs().max() < 1e-12, name
 
 
+def test_pointwise_training_path_with_frozen_kernel_and_input_without_grad():
+    """A frozen expand conv (fine-tuning the rest) and an input that needs no gradient: the fused 1×1 path
+    skips those products and still gives plain autograd's gradients for everything else."""
+    torch.manual_seed(3)
+    fused = randomize_bn(MDConv2d(10, 6, 1, m=4)).train()
+    fused.expand.weight.requires_grad_(False)
+    plain = copy.deepcopy(fused)
+    plain.fuse_training_tail = False
+    x = torch.randn(4, 10, 5, 5)
+    yf, yp = fused(x), plain(x)
+    g = torch.randn_like(yp)
+    yf.backward(g)
+    yp.backward(g)
+    assert fused.expand.weight.grad is None and plain.expand.weight.grad is None
+    for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
+        if pp.requires_grad:
+            assert rel_err(pf.grad, pp.grad) < 1e-4, name
+
+
 def test_bfloat16_layer_trains_through_plain_autograd():
     """The fused functions keep m×m statistics in the input's dtype, so they run for float32/float64 only; a
     bfloat16 layer trains through the modules (and gives their result)."""

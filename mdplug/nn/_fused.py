@@ -202,10 +202,14 @@ class _PointwiseExpanding(torch.autograd.Function):
         del dg, h
         dz1, dg1, db1 = torch.ops.aten.native_batch_norm_backward(
             dh, z1, g1, None, None, mean1, invstd1, True, eps1, [True, True, True])
-        dx = torch.bmm(w0.t().expand(batch, -1, -1), dz0).baddbmm_(w1.t().expand(batch, -1, -1), dz1)
-        xt = x.transpose(1, 2)
-        dw0 = torch.bmm(dz0, xt).sum(0)
-        dw1 = torch.bmm(dz1, xt).sum(0)
+        need_x, need_w0, need_w1 = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dx = dw0 = dw1 = None  # skipped when not needed (a frozen layer, the network's input)
+        if need_x:
+            dx = torch.bmm(w0.t().expand(batch, -1, -1), dz0).baddbmm_(w1.t().expand(batch, -1, -1), dz1)
+        if need_w0:
+            dw0 = torch.bmm(dz0, x.transpose(1, 2)).sum(0)
+        if need_w1:
+            dw1 = torch.bmm(dz1, x.transpose(1, 2)).sum(0)
         return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
 
 
