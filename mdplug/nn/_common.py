@@ -99,6 +99,11 @@ class ConvBase(nn.Module):
     def _is_pointwise(self) -> bool:
         return self.kernel_size == (1, 1) and (self.padding in ('valid', 'same') or self.padding == (0, 0))
 
+    def _pointwise_input(self, x: Tensor) -> Tensor:
+        """What a 1×1 conv with this stride reads of ``x``: every stride-th row and column (no padding)."""
+        sh, sw = self.stride
+        return x[:, :, ::sh, ::sw] if sh > 1 or sw > 1 else x
+
     def per_sample_conv_is_batch_agnostic(self) -> bool:
         """Whether :meth:`per_sample_conv` runs as a ``bmm`` (any batch) rather than a conv with groups=B."""
         return self._is_pointwise() and self.groups == 1
@@ -112,9 +117,7 @@ class ConvBase(nn.Module):
         """
         b, q = weight.shape[0], weight.shape[1]
         if self.per_sample_conv_is_batch_agnostic():
-            sh, sw = self.stride
-            if sh > 1 or sw > 1:
-                x = x[:, :, ::sh, ::sw]
+            x = self._pointwise_input(x)
             h, w = x.shape[-2:]
             flat = x.reshape(b, x.shape[1], h * w)
             w2d = weight.reshape(b, q, -1)

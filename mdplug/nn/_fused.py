@@ -33,8 +33,9 @@ def _bn_factor(bn: nn.BatchNorm2d) -> float:
 
 
 def _check_batch(shape) -> None:
-    """The check ``F.batch_norm`` makes in train mode (these functions call the kernels directly)."""
-    if shape[0] * (shape[2] if len(shape) == 3 else shape[2] * shape[3]) == 1:
+    """The check ``F.batch_norm`` makes in train mode (these functions call the kernels directly), for a
+    (B, C, N) view."""
+    if shape[0] * shape[2] == 1:
         raise ValueError(f'Expected more than 1 value per channel when training, got input size {tuple(shape)}')
 
 
@@ -155,11 +156,12 @@ def expanding_tail(z: Tensor, coeff: Optional[Tensor], project: nn.Conv2d, bn1: 
 
     ``z``: (B, q + m, H, W); ``coeff``: (B, m) or None (identity); returns (B, q, H, W).
     """
-    _check_batch(z.shape)
     b, c, hh, ww = z.shape
+    flat = z.reshape(b, c, hh * ww)
+    _check_batch(flat.shape)
     s1 = (bn1.running_mean, bn1.running_var, _bn_factor(bn1), bn1.eps)
     s2 = (bn2.running_mean, bn2.running_var, _bn_factor(bn2), bn2.eps)
-    y = _ExpandingTail.apply(z.reshape(b, c, hh * ww), coeff, project.weight.reshape(q, -1), bn1.weight, bn1.bias,
+    y = _ExpandingTail.apply(flat, coeff, project.weight.reshape(q, -1), bn1.weight, bn1.bias,
                              bn2.weight, bn2.bias, q, s1, s2)
     return y.view(b, q, hh, ww)
 
@@ -214,15 +216,13 @@ class _PointwiseExpanding(torch.autograd.Function):
 
 
 def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, project: nn.Conv2d,
-                        bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d, q: int, stride) -> Tensor:
+                        bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d, q: int) -> Tensor:
     """The expanding form of a 1×1 layer in train mode: ``BN2(W2·(coeff ⊙ BN1(W1·x))) + BN1(W0·x)``.
 
-    ``x``: (B, p, H, W); ``weight``: the shared (q + m, p, 1, 1) kernel [W0; W1]; ``coeff``: (B, m) or None.
-    Returns (B, q, H', W').  Same output, gradients and running statistics as the modules, in fewer passes.
+    ``x``: (B, p, H, W), already subsampled by the conv's stride; ``weight``: the shared (q + m, p, 1, 1) kernel
+    [W0; W1]; ``coeff``: (B, m) or None.  Returns (B, q, H, W).  Same output, gradients and running statistics
+    as the modules, in fewer passes.
     """
-    sh, sw = stride
-    if sh > 1 or sw > 1:
-        x = x[:, :, ::sh, ::sw]
     b, p, h, w = x.shape
     flat = x.reshape(b, p, h * w)
     _check_batch(flat.shape)

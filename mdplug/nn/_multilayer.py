@@ -220,8 +220,8 @@ class MultiLayerConv(ConvBase):
                 and not torch.is_autocast_enabled(x.device.type)):
             coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
             if self._is_pointwise():
-                return _fused.pointwise_expanding(x, coeff, self.expand.weight, self.project, self.expand_bn,
-                                                  self.project_bn, q, self.stride)
+                return _fused.pointwise_expanding(self._pointwise_input(x), coeff, self.expand.weight, self.project,
+                                                  self.expand_bn, self.project_bn, q)
             return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
         z = self.expand(x)
         if self.norm == 'branch':
@@ -254,8 +254,14 @@ class MultiLayerConv(ConvBase):
     #: decide as they are (resnet18 at batch 8: no gain from weighting).
     per_sample_mac_weight: float = 8.0
 
+    @staticmethod
+    def _one_sample(x: Tensor) -> bool:
+        """``x`` holds one sample and no export/compile trace is running (a traced graph must not depend on the
+        batch size)."""
+        return not tracing_for_export() and x.shape[0] == 1
+
     def _per_sample_weight(self, x: Tensor) -> float:
-        if not self.per_sample_conv_is_batch_agnostic() or (not tracing_for_export() and x.shape[0] == 1):
+        if not self.per_sample_conv_is_batch_agnostic() or self._one_sample(x):
             return 1.0
         return self.per_sample_mac_weight
 
@@ -306,9 +312,7 @@ class MultiLayerConv(ConvBase):
 
         ``x``: (B, p, H, W) → (B, q, H', W').  Every shape is read from ``x``, so it exports with any batch.
         """
-        sh, sw = self.stride
-        if sh > 1 or sw > 1:
-            x = x[:, :, ::sh, ::sw]
+        x = self._pointwise_input(x)
         b, p, h, w = x.shape
         q = self.out_channels
         flat = x.reshape(b, p, h * w)

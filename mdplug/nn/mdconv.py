@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice, tracing_for_export
+from ._common import Attention, _check_choice
 from ._multilayer import MultiLayerConv
 
 
@@ -29,7 +29,8 @@ class MDConv2d(MultiLayerConv):
     * ``path='factorized'``: W0' and W1' as one conv over the batch, then ``+ W2'·A(x)·(W1' ⊛ x)`` as one
       batched matmul-add (no kernel formed, no BN left);
 
-    ``path='auto'`` picks by multiply-accumulate count for the input's spatial size.
+    ``path='auto'`` picks by multiply-accumulate count for the input's spatial size and batch
+    (:meth:`~mdplug.nn._multilayer.MultiLayerConv.choose_path`).
 
     Args (beyond ``nn.Conv2d``'s):
         m: intermediate channels (paper: 20).
@@ -80,7 +81,7 @@ class MDConv2d(MultiLayerConv):
         if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
-        if self.per_sample_conv_is_batch_agnostic() and not tracing_for_export() and x.shape[0] == 1:
+        if self.per_sample_conv_is_batch_agnostic() and self._one_sample(x):
             # one sample: plain matmuls on the (p, H·W) view beat the conv (measured, mobilenetv2_100 7×7 layers)
             return self._pointwise_factorized(x, *self._left_and_bias(coeff))
         return self._factorized(x, self._left(coeff))
@@ -99,7 +100,7 @@ class MDConv2d(MultiLayerConv):
             bias = (coeff * self.bias1) @ w2.t()
         else:
             bias = torch.addmm(self.bias, coeff * self.bias1, w2.t())
-        return w2 * coeff.unsqueeze(1), bias
+        return self._left(coeff), bias
 
     def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6–7 from the stored compact parameters with few ops."""
