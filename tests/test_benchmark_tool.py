@@ -5,13 +5,8 @@ import os.path as osp
 import subprocess
 import sys
 
-import pytest
-
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'benchmark.py')
-
-pytest.importorskip('matplotlib')
-pytest.importorskip('tqdm')
 
 
 def run(*args, timeout=600):
