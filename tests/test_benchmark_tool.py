@@ -26,10 +26,12 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     for variant in ('static', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
                     'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
         assert f'| {variant} |' in text
+    assert 'Allocator: glibc with freed memory kept in the process' in text  # --malloc retain, the default
     assert '# old report' not in text and 'A hand-written reading.' in text  # regenerated, notes kept
     assert png.read_bytes()[:4] == b'\x89PNG'
     data = json.loads(raw.read_text())
     assert data['info']['device'] == 'cpu' and data['info']['dtype'] == 'float32'
+    assert data['info']['malloc'].startswith('glibc with freed memory kept')
     res = data['results'][0]
     assert set(res['infer']) == {'1', '2'}
     assert res['infer']['2']['static']['n'] == 1
@@ -45,3 +47,32 @@ def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
     proc = run('--dtype', 'float16', '--out', str(tmp_path / 'b.md'))
     assert proc.returncode == 2 and '--dtype float16 needs --device cuda' in proc.stderr
     assert not (tmp_path / 'b.md').exists()
+
+
+FAULTS = r'''
+import resource, sys, torch
+sys.path.insert(0, 'tools')
+import benchmark
+print(benchmark.set_malloc(sys.argv[1]))
+for _ in range(2):  # the first block is faulted in under any setting
+    torch.ones(2 ** 24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(2 ** 24)  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+def test_malloc_retain_stops_page_faulting_fresh_outputs():
+    """--malloc retain: a freed 64 MiB block is reused without faulting its pages in again; glibc's default maps
+    and unmaps it every time (4 KiB pages: 16384 faults per block; retained, at most one of the five blocks lands
+    where the heap has to grow)."""
+    faults = {}
+    for mode in ('default', 'retain'):
+        proc = subprocess.run([sys.executable, '-c', FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        desc, n = proc.stdout.split('\n')[:2]
+        faults[mode] = int(n)
+    assert faults['default'] >= 5 * 16384 * 0.9, faults
+    assert faults['retain'] <= 16384 + 1000, faults
