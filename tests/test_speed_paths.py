@@ -42,10 +42,14 @@ def _compact(layer: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
 @pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
-@pytest.mark.parametrize('norm,bypass', [('branch', True), ('sum', True), ('none', False)])
-def test_compact_paths_equal_expanding(cls, p, q, k, s, pad, norm, bypass):
-    """'weight', 'factorized' and 'auto' all give the expanding form's eval output, at batch 1 and 5."""
-    expanding = randomize_bn(cls(p, q, k, s, pad, m=7, norm=norm, bypass=bypass)).eval()
+@pytest.mark.parametrize('norm,bypass,bias', [('branch', True, True), ('sum', True, True), ('none', False, True),
+                                               ('none', True, False), ('none', False, False)])
+def test_compact_paths_equal_expanding(cls, p, q, k, s, pad, norm, bypass, bias):
+    """'weight', 'factorized' and 'auto' all give the expanding form's eval output, at batch 1 (1×1 layers: the
+    one-sample matmuls) and 5."""
+    expanding = randomize_bn(cls(p, q, k, s, pad, m=7, norm=norm, bypass=bypass, bias=bias)).eval()
+    if norm == 'none' and bias:
+        nn.init.normal_(expanding.bias)
     compact = _compact(copy.deepcopy(expanding))
     for b in (1, 5):
         x = torch.randn(b, p, 9, 9)
@@ -54,6 +58,27 @@ def test_compact_paths_equal_expanding(cls, p, q, k, s, pad, norm, bypass):
             for path in ('weight', 'factorized', 'auto'):
                 compact.path = path
                 assert rel_err(compact(x), want) < 1e-5, (path, b)
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
+@pytest.mark.parametrize('path', ['weight', 'factorized'])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_one_sample_pointwise_path_has_the_batched_gradients(cls, path, stride):
+    """Training the compact form (Table 8's "compact training"): at batch 1 a 1×1 layer runs as plain matmuls;
+    its output and parameter gradients equal the batched code's on two copies of the sample (halved)."""
+    layer = _compact(cls(6, 10, 1, stride, m=5)).train()
+    layer.path = path
+    x = torch.randn(1, 6, 7, 7, dtype=torch.float64)
+    layer.double()
+    one = layer(x)
+    (one * torch.arange(one.numel(), dtype=one.dtype).view_as(one)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    two = layer(torch.cat([x, x]))
+    assert torch.allclose(two[:1], one) and torch.allclose(two[1:], one)
+    (two * torch.arange(one.numel(), dtype=one.dtype).view_as(one).expand_as(two)).sum().backward()
+    for n, p in layer.named_parameters():
+        assert torch.allclose(p.grad / 2, grads[n]), n
 
 
 @pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)

@@ -59,12 +59,8 @@ class DCDConv2d(MDConv2d):
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)
 
-    def choose_path(self, x: Tensor) -> str:
-        """As MDConv, plus the m×m mixing: (q·m² + q·m·p·k²) per sample vs (m·p·k² + m² + q·m)·H'·W'."""
-        if self.path != 'auto':
-            return self.path
+    def _path_macs(self, out_pixels: int):
+        """As MDConv's, plus the m×m mixing: q·m·(m + p·k²) per sample vs (m·p·k² + m² + q·m)·H'·W'."""
         p, q, m = self.in_channels, self.out_channels, self.m
         kk = self.kernel_size[0] * self.kernel_size[1]
-        oh, ow = self._out_hw(x.shape[-2], x.shape[-1])
-        per_sample = self._per_sample_weight(x) * q * m * (m + p * kk)
-        return 'weight' if per_sample <= (m * p * kk + m * m + q * m) * oh * ow else 'factorized'
+        return q * m * (m + p * kk), (m * p * kk + m * m + q * m) * out_pixels

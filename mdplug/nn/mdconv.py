@@ -77,13 +77,13 @@ class MDConv2d(MultiLayerConv):
 
     def forward_compact(self, x: Tensor) -> Tensor:
         coeff = self.dynamic_coefficients(x)
+        if self.per_sample_conv_is_batch_agnostic() and self._one_sample(x):
+            # nothing is being traced here, so the MACs of one sample decide the path
+            return self._one_sample_pointwise(x, self._left(coeff), self.choose_path(x, 1.0))
         path = self.compact_path(x)
         if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
-        if self.per_sample_conv_is_batch_agnostic() and self._one_sample(x):
-            # one sample: plain matmuls on the (p, H·W) view beat the conv (measured, mobilenetv2_100 7×7 layers)
-            return self._pointwise_factorized(x, *self._left_and_bias(coeff))
         return self._factorized(x, self._left(coeff))
 
     def _left(self, coeff: Tensor) -> Tensor:
