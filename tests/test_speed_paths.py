@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
 from peers import PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
 
 GEOMETRIES = [  # (p, q, k, stride, padding)
-    (8, 12, 1, 1, 0),
+    (8, 12, 1, 1, 0),   # 1×1 with q > p: the factorized form stacks the input channels
     (8, 12, 1, 2, 0),
+    (12, 8, 1, 2, 0),   # 1×1 with q ≤ p: one conv for W0'/W1', one batched matmul-add
     (6, 10, 3, 1, 1),
     (6, 10, 3, 2, 1),
 ]

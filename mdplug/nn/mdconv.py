@@ -27,7 +27,8 @@ class MDConv2d(MultiLayerConv):
 
     * ``path='weight'``: generate the (B, q, p, k, k) kernels and run them in one batched call; or
     * ``path='factorized'``: W0' and W1' as one conv over the batch, then ``+ W2'·A(x)·(W1' ⊛ x)`` as one
-      batched matmul-add (no kernel formed, no BN left);
+      batched matmul-add (no kernel formed, no BN left); a 1×1 layer with more outputs than inputs instead runs
+      ``[W0' | W2'] ⊛ [x; A(x)·(W1' ⊛ x + b1')] + b'``, one static conv over the stacked channels;
 
     ``path='auto'`` picks by multiply-accumulate count for the input's spatial size and batch
     (:meth:`~mdplug.nn._multilayer.MultiLayerConv.choose_path`).
@@ -63,7 +64,11 @@ class MDConv2d(MultiLayerConv):
         return self.attention(x)
 
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
-        return h * self.dynamic_coefficients(x)[:, :, None, None]
+        return self._apply_coefficients(h, self.dynamic_coefficients(x))
+
+    def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
+        """``A(x)·h``: the (B, m) diagonal scales the m channels of h (B, m, H, W)."""
+        return h * coeff[:, :, None, None]
 
     def _kernel_bias(self, fb: dict, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         return fusion.mdconv_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], coeff)
@@ -84,6 +89,8 @@ class MDConv2d(MultiLayerConv):
         if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
+        if self._stacks_input():
+            return self._stacked_factorized(x, coeff)
         return self._factorized(x, self._left(coeff))
 
     def _left(self, coeff: Tensor) -> Tensor:
