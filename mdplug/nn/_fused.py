@@ -10,8 +10,9 @@ into the rows of W2, and the output is one batched matmul-add onto BN1's q chann
 same way, from the (q, m) matrix Σ dy·gᵀ (which is also W2's gradient) and Cov(g).  Plain autograd keeps
 BN1(z), g, u and BN2(u) for backward and passes over the q output channels about five more times.
 
-* :func:`pointwise_expanding` -- a whole 1×1 layer as batched matmuls on (B, C, H·W) views; W0·x and W1·x are
-  separate products (on CPU cheaper than slicing one product of q + m channels); saves x, W0·x and W1·x.
+* :func:`pointwise_expanding` -- a whole 1×1 layer on (B, C, H·W) views: W0·x and W1·x as two 1×1 convs (on
+  CPU cheaper than slicing one product of q + m channels), their backward as one conv backward, the rest as
+  batched matmuls with m = 20 on one side; saves x, W0·x and W1·x.
 * :func:`expanding_tail` -- everything after the shared conv ``z = [W0; W1] ⊛ x`` of a k×k layer; saves z.
 """
 from __future__ import annotations
@@ -167,6 +168,23 @@ def expanding_tail(z: Tensor, coeff: Optional[Tensor], project: nn.Conv2d, bn1: 
 
 
 # -- the whole 1×1 layer ------------------------------------------------------------------------------------------
+def _conv1x1(x: Tensor, w: Tensor) -> Tensor:
+    """``w·x`` for x (B, p, N) and w (q, p) as a 1×1 conv over an N×1 map: the library's conv kernels (oneDNN on
+    CPU, cuDNN) run this product over the whole batch faster than a batched matmul with a broadcast weight."""
+    return torch.nn.functional.conv2d(x.unsqueeze(-1), w[:, :, None, None]).squeeze(-1)
+
+
+def _conv1x1_backward(dz: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
+    """Gradients of :func:`_conv1x1` for its output gradient dz (B, q, N): ``(wᵀ·dz, Σ dz·xᵀ)``, each None
+    when not needed."""
+    if not (need_x or need_w):
+        return None, None
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dz.unsqueeze(-1), x.unsqueeze(-1), w[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [need_x, need_w, False])
+    return (dx.squeeze(-1) if need_x else None), (dw.flatten(1) if need_w else None)
+
+
 class _PointwiseExpanding(torch.autograd.Function):
     """``BN1(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, N); BN1 given as its q and m halves."""
 
@@ -176,8 +194,7 @@ class _PointwiseExpanding(torch.autograd.Function):
                 bn2: tuple) -> Tensor:
         batch = x.shape[0]
         (rm0, rv0, f0, eps0), (rm1, rv1, f1, eps1) = bn0, bn1
-        z0 = torch.bmm(w0.expand(batch, -1, -1), x)
-        z1 = torch.bmm(w1.expand(batch, -1, -1), x)
+        z0, z1 = _conv1x1(x, w0), _conv1x1(x, w1)
         y, mean0, invstd0 = torch.native_batch_norm(z0, g0, b0, rm0, rv0, True, f0, eps0)
         h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
         g = h * coeff[:, :, None] if coeff is not None else h
@@ -192,7 +209,6 @@ class _PointwiseExpanding(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1, *saved = ctx.saved_tensors
         eps0, eps1 = ctx.eps
-        batch = x.shape[0]
         dy = dy.contiguous()
         dz0, dg0, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, z0, g0, None, None, mean0, invstd0, True, eps0, [True, True, True])
@@ -205,13 +221,10 @@ class _PointwiseExpanding(torch.autograd.Function):
         dz1, dg1, db1 = torch.ops.aten.native_batch_norm_backward(
             dh, z1, g1, None, None, mean1, invstd1, True, eps1, [True, True, True])
         need_x, need_w0, need_w1 = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dx = dw0 = dw1 = None  # skipped when not needed (a frozen layer, the network's input)
-        if need_x:
-            dx = torch.bmm(w0.t().expand(batch, -1, -1), dz0).baddbmm_(w1.t().expand(batch, -1, -1), dz1)
-        if need_w0:
-            dw0 = torch.bmm(dz0, x.transpose(1, 2)).sum(0)
-        if need_w1:
-            dw1 = torch.bmm(dz1, x.transpose(1, 2)).sum(0)
+        # skipped when not needed (a frozen layer, the network's input)
+        dx, dw = _conv1x1_backward(torch.cat([dz0, dz1], 1), x, torch.cat([w0, w1]), need_x, need_w0 or need_w1)
+        dw0, dw1 = (None, None) if dw is None else (dw[:w0.shape[0]] if need_w0 else None,
+                                                     dw[w0.shape[0]:] if need_w1 else None)
         return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
 
 
