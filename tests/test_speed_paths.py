@@ -262,3 +262,24 @@ def test_fused_training_paths_refuse_one_value_per_channel_like_batchnorm(k):
     layer = MDConv2d(4, 6, k, padding=k // 2).train()
     with pytest.raises(ValueError, match='more than 1 value per channel'):
         layer(torch.randn(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize('p,q', [(8, 12), (12, 8)])
+def test_every_compact_path_counts_its_macs(p, q):
+    """mdplug.profile counts what runs (torch's FlopCounterMode sees mm/addmm/bmm/baddbmm/conv, not in-place or
+    matrix-vector variants): each path of a compact 1×1 MDConv at batch 1 and 2 costs its analytic MACs."""
+    from mdplug.profile import count_macs
+    m, hw = 5, 36
+    layer = _compact(MDConv2d(p, q, 1, m=m)).eval()
+    hidden = layer.attention.fc1.out_features
+    attention = p * hidden + hidden * m
+    want = {  # per sample, beyond the attention network
+        (1, 'weight'): q * m * p + q * m + q * p * hw,                 # kernel, bias (Eq. 7), conv
+        (1, 'factorized'): m * p * hw + q * p * hw + q * m * hw,
+        (2, 'weight'): q * m * p + q * m + q * p * hw,
+        (2, 'factorized'): (m * p * hw + q * (p + m) * hw) if q > p     # stacked: W1' conv, [W0'|W2'] conv
+        else ((q + m) * p * hw + q * m * hw),                           # [W0'; W1'] conv, W2'·A matmul-add
+    }
+    for (batch, path), macs in want.items():
+        layer.path = path
+        assert count_macs(layer, (p, 6, 6), batch=batch) == attention + macs, (batch, path)

@@ -339,19 +339,21 @@ class MultiLayerConv(ConvBase):
         left = left.reshape(q, m)
         w1 = self.weight1.reshape(m, p)
         w0 = None if self.weight is None else self.weight.reshape(q, p)
+        # (only mm/addmm, out of place: the products torch's FlopCounterMode counts, so mdplug.profile stays exact)
         if path == 'weight':
             kernel = torch.mm(left, w1) if w0 is None else torch.addmm(w0, left, w1)
-            bias = self.bias
+            bias = None if self.bias is None else self.bias.unsqueeze(1)
             if self.bias1 is not None:
-                bias = torch.mv(left, self.bias1) if bias is None else torch.addmv(bias, left, self.bias1)
-            y = torch.mm(kernel, flat) if bias is None else torch.addmm(bias.unsqueeze(1), kernel, flat)
+                b1 = self.bias1.unsqueeze(1)
+                bias = torch.mm(left, b1) if bias is None else torch.addmm(bias, left, b1)
+            y = torch.mm(kernel, flat) if bias is None else torch.addmm(bias, kernel, flat)
             return y.view(1, q, h, w)
         inner = torch.mm(w1, flat) if self.bias1 is None else torch.addmm(self.bias1.unsqueeze(1), w1, flat)
         if w0 is None:
             y = torch.mm(left, inner) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), left, inner)
         else:
             y = torch.mm(w0, flat) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w0, flat)
-            y = y.addmm_(left, inner)
+            y = torch.addmm(y, left, inner)
         return y.view(1, q, h, w)
 
     def _stacks_input(self) -> bool:
