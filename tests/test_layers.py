@@ -144,20 +144,26 @@ def test_switch_to_deploy_is_idempotent_and_state_dict_round_trips(kind, tmp_pat
 
 
 @pytest.mark.parametrize('kind', sorted(LAYERS))
-def test_bf16_autocast_and_channels_last(kind):
+@pytest.mark.parametrize('p,q,k,batch', [(16, 16, 3, 2), (8, 16, 1, 2), (16, 8, 1, 2), (8, 16, 1, 1)])
+def test_bf16_autocast_and_channels_last(kind, p, q, k, batch):
+    """Every form takes channels_last input and bfloat16 autocast; 1×1 layers cover the stacked and the
+    matmul-add factorized forms and the one-sample matmuls."""
     cls = LAYERS[kind]
-    layer = randomize_bn(cls(16, 16, 3, padding=1)).eval()
-    x = torch.randn(2, 16, 8, 8)
+    layer = randomize_bn(cls(p, q, k, padding=k // 2)).eval()
+    x = torch.randn(batch, p, 8, 8)
     with torch.no_grad():
         ref = layer(x)
         out_cl = layer(x.to(memory_format=torch.channels_last))
         assert rel_err(out_cl, ref) < 1e-5
         compact = layer.fuse()
-        assert rel_err(compact(x.to(memory_format=torch.channels_last)), ref) < 1e-5
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            for mod in (layer, compact):
-                out = mod(x)
-                assert rel_err(out.float(), ref) < 5e-2
+        for path in (('weight', 'factorized', 'auto') if hasattr(compact, 'path') else (None,)):
+            if path:
+                compact.path = path
+            assert rel_err(compact(x.to(memory_format=torch.channels_last)), ref) < 1e-5, path
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                for mod in (layer, compact):
+                    out = mod(x)
+                    assert rel_err(out.float(), ref) < 5e-2, path
 
 
 def test_from_conv_carries_the_static_kernel():
