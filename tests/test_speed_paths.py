@@ -167,20 +167,21 @@ def test_timm_condconv_wrapper_runs():
 
 
 @pytest.mark.parametrize('cls,kwargs', [(MDConv2d, {}), (MAConv2d, {}), (MDConv2d, dict(gate='softmax'))])
-@pytest.mark.parametrize('k,s', [(1, 1), (1, 2), (3, 2)])
-def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
-    """The fused training paths (1×1: the whole layer as matmuls; k×k: the tail after the shared conv) give the
-    plain autograd path's output, gradients and BN statistics."""
+@pytest.mark.parametrize('k,s,p,q', [(1, 1, 6, 10), (1, 2, 6, 10), (1, 1, 10, 6), (1, 2, 10, 6), (3, 2, 6, 10)])
+def test_fused_training_tail_equals_autograd(cls, kwargs, k, s, p, q):
+    """The fused training paths (1×1: the whole layer in one function, all BNs folded where q > p; k×k: the tail
+    after the shared conv) give the plain autograd path's output, gradients and BN statistics."""
     torch.manual_seed(0)
-    fused = randomize_bn(cls(6, 10, k, s, k // 2, m=5, **kwargs)).train()
+    fused = randomize_bn(cls(p, q, k, s, k // 2, m=5, **kwargs)).train()
     plain = copy.deepcopy(fused)
     plain.fuse_training_tail = False
     assert fused._use_fused_tail() and not plain._use_fused_tail()
-    x = torch.randn(4, 6, 9, 9)
+    x = torch.randn(4, p, 9, 9)
     xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(2):  # twice: running statistics and num_batches_tracked advance alike
         yf, yp = fused(xf), plain(xp)
-        expected = '_PointwiseExpandingBackward' if k == 1 else '_ExpandingTailBackward'
+        expected = ('_ExpandingTailBackward' if k > 1 else
+                    '_PointwiseFoldedBackward' if q > p else '_PointwiseExpandingBackward')
         assert expected in _autograd_nodes(yf)
         assert rel_err(yf, yp) < 1e-5
         g = torch.randn_like(yf)
@@ -195,18 +196,18 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s):
 
 @pytest.mark.parametrize('cls', [MDConv2d, MAConv2d])
 @pytest.mark.parametrize('momentum', [0.1, None])
-@pytest.mark.parametrize('k', [1, 3])
-def test_fused_training_paths_are_exact_in_float64(cls, momentum, k):
+@pytest.mark.parametrize('k,p,q', [(1, 12, 7), (1, 7, 12), (3, 12, 7)])
+def test_fused_training_paths_are_exact_in_float64(cls, momentum, k, p, q):
     """The fused training paths derive BN2's statistics and backward from the m×m covariance instead of running
     a BatchNorm: in float64 they must agree with plain autograd to rounding, for a channels_last input too and
     with a cumulative-average BN (momentum=None)."""
     torch.manual_seed(1)
-    fused = randomize_bn(cls(12, 7, k, padding=k // 2, m=4)).double().train()
+    fused = randomize_bn(cls(p, q, k, padding=k // 2, m=4)).double().train()
     for bn in (fused.expand_bn, fused.project_bn):
         bn.momentum = momentum
     plain = copy.deepcopy(fused)
     plain.fuse_training_tail = False
-    x = torch.randn(3, 12, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x = torch.randn(3, p, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
     xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(3):
         yf, yp = fused(xf), plain(xp)
@@ -221,15 +222,16 @@ def test_fused_training_paths_are_exact_in_float64(cls, momentum, k):
         assert (bf.double() - bp.double()).abs().max() < 1e-12, name
 
 
-def test_pointwise_training_path_with_frozen_kernel_and_input_without_grad():
-    """A frozen expand conv (fine-tuning the rest) and an input that needs no gradient: the fused 1×1 path
-    skips those products and still gives plain autograd's gradients for everything else."""
+@pytest.mark.parametrize('p,q', [(10, 6), (6, 10)])
+def test_pointwise_training_path_with_frozen_kernel_and_input_without_grad(p, q):
+    """A frozen expand conv (fine-tuning the rest) and an input that needs no gradient: the fused 1×1 paths
+    skip those products and still give plain autograd's gradients for everything else."""
     torch.manual_seed(3)
-    fused = randomize_bn(MDConv2d(10, 6, 1, m=4)).train()
+    fused = randomize_bn(MDConv2d(p, q, 1, m=4)).train()
     fused.expand.weight.requires_grad_(False)
     plain = copy.deepcopy(fused)
     plain.fuse_training_tail = False
-    x = torch.randn(4, 10, 5, 5)
+    x = torch.randn(4, p, 5, 5)
     yf, yp = fused(x), plain(x)
     g = torch.randn_like(yp)
     yf.backward(g)

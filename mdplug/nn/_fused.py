@@ -10,9 +10,12 @@ into the rows of W2, and the output is one batched matmul-add onto BN1's q chann
 same way, from the (q, m) matrix Σ dy·gᵀ (which is also W2's gradient) and Cov(g).  Plain autograd keeps
 BN1(z), g, u and BN2(u) for backward and passes over the q output channels about five more times.
 
-* :func:`pointwise_expanding` -- a whole 1×1 layer on (B, C, H·W) views: W0·x and W1·x as two 1×1 convs (on
-  CPU cheaper than slicing one product of q + m channels), their backward as one conv backward, the rest as
-  batched matmuls with m = 20 on one side; saves x, W0·x and W1·x.
+* :func:`pointwise_expanding` -- a whole 1×1 layer on (B, C, H·W) views.  With more outputs than inputs
+  (q > p) BN0 folds too, from the p×p covariance of x: the output is one conv over [x; g] with the two folded
+  kernels side by side, and nothing of q channels is formed besides y and dy (saves [x; g] and W1·x).
+  Otherwise W0·x and W1·x run as two 1×1 convs (on CPU cheaper than slicing one product of q + m channels),
+  their backward as one conv backward, the rest as batched matmuls with m = 20 on one side (saves x, W0·x and
+  W1·x).
 * :func:`expanding_tail` -- everything after the shared conv ``z = [W0; W1] ⊛ x`` of a k×k layer; saves z.
 """
 from __future__ import annotations
@@ -71,16 +74,13 @@ def _bn2_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tupl
     return w2 * scale2[:, None], beta2 - mean2 * scale2, (mean_g, cov_g, mean2, invstd2)
 
 
-def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, saved):
-    """Gradients of ``BN2(W2·g)`` (train mode) for output gradient dy (B, q, N), u never formed.
+def _bn2_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n: int, saved):
+    """The small matrices of BN2's backward from ``gram = Σ dy·gᵀ`` (q, m).
 
     With ``û = (u - mean2)·invstd2`` and ``k = mean(dy ⊙ û)``, BN's backward is
-    ``du = s2 ⊙ (dy - mean(dy) - û ⊙ k)``; then ``dg = W2ᵀ·du = P·dy + R·g + c`` with small P (m, q), R (m, m),
-    c (m), and ``dW2 = du·gᵀ`` follows from Σ dy·gᵀ and Σ g·gᵀ.  Returns ``(dg, dW2, dγ2)``."""
+    ``du = s2 ⊙ (dy - mean(dy) - û ⊙ k)``; then ``dg = W2ᵀ·du = (s2 ⊙ W2)ᵀ·dy + R·g + c`` and ``dW2 = du·gᵀ``
+    follows from Σ dy·gᵀ and Σ g·gᵀ.  Returns ``(dW2, dγ2, R, c)``; ``R`` (m, m) and ``c`` (m) complete dg."""
     mean_g, cov_g, mean2, invstd2 = saved
-    batch = g.shape[0]
-    n = batch * g.shape[2]
-    gram = torch.bmm(dy, g.transpose(1, 2)).sum(0)                              # Σ dy·gᵀ, (q, m)
     scale2 = gamma2 * invstd2
     dgamma2 = invstd2 * ((w2 * gram).sum(1) - mean2 * sum_dy)                   # Σ dy ⊙ û
     k = dgamma2 / n
@@ -92,8 +92,18 @@ def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Ten
     kk = scale2 * k * invstd2
     r_mat = -(w2.t() * kk) @ w2
     c_vec = w2.t() @ (kk * mean2 - scale2 * mean_dy)
+    return dw2, dgamma2, r_mat, c_vec
+
+
+def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, saved):
+    """Gradients of ``BN2(W2·g)`` (train mode) for output gradient dy (B, q, N), u never formed
+    (:func:`_bn2_terms`).  Returns ``(dg, dW2, dγ2)``."""
+    batch = g.shape[0]
+    gram = torch.bmm(dy, g.transpose(1, 2)).sum(0)                              # Σ dy·gᵀ, (q, m)
+    dw2, dgamma2, r_mat, c_vec = _bn2_terms(gram, w2, gamma2, sum_dy, batch * g.shape[2], saved)
+    invstd2 = saved[3]
     dg = torch.baddbmm(c_vec[None, :, None], r_mat.expand(batch, -1, -1), g)
-    dg.baddbmm_((w2 * scale2[:, None]).t().expand(batch, -1, -1), dy)
+    dg.baddbmm_((w2 * (gamma2 * invstd2)[:, None]).t().expand(batch, -1, -1), dy)
     return dg, dw2, dgamma2
 
 
@@ -228,13 +238,73 @@ class _PointwiseExpanding(torch.autograd.Function):
         return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
 
 
+class _PointwiseFolded(torch.autograd.Function):
+    """``BN0(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, N) for q > p, with BN0 folded like BN2.
+
+    BN0 normalises ``W0·x``; its batch mean and variance are ``W0·mean(x)`` and ``diag(W0·Cov(x)·W0ᵀ)`` from the
+    p×p covariance of x, just as BN2's come from g.  With both folded, the output is one conv over the stacked
+    channels, ``y = [s0 ⊙ W0 | s2 ⊙ W2] ⊛ [x; g] + c`` (written once), and its backward is that conv's backward
+    (which also yields Σ dy·xᵀ and Σ dy·gᵀ) plus p×p and m×m corrections.  No tensor of q channels is formed
+    besides y and dy.  Worth it where q > p: Cov(x) costs p²/(q·p) of the conv.  BN1 (m channels) runs as is.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, coeff: Optional[Tensor], w0: Tensor, w1: Tensor, w2: Tensor, g0: Tensor,
+                b0: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, bn0: tuple, bn1: tuple,
+                bn2: tuple) -> Tensor:
+        rm1, rv1, f1, eps1 = bn1
+        z1 = _conv1x1(x, w1)
+        h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
+        g = h * coeff[:, :, None] if coeff is not None else h
+        del h
+        w0s, shift0, saved0 = _bn2_forward(x, w0, g0, b0, bn0)
+        w2s, shift2, saved2 = _bn2_forward(g, w2, g2, b2, bn2)
+        stacked_x = torch.cat([x, g], 1)
+        stacked_w = torch.cat([w0s, w2s], 1)
+        y = torch.nn.functional.conv2d(stacked_x.unsqueeze(-1), stacked_w[:, :, None, None],
+                                       shift0 + shift2).squeeze(-1)
+        ctx.save_for_backward(stacked_x, stacked_w, z1, coeff, w0, w1, w2, g0, g1, b1, g2, mean1, invstd1,
+                              *saved0, *saved2)
+        ctx.eps1 = eps1
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        stacked_x, stacked_w, z1, coeff, w0, w1, w2, g0, g1, b1, g2, mean1, invstd1, *saved = ctx.saved_tensors
+        saved0, saved2 = saved[:4], saved[4:]
+        p = w0.shape[1]
+        batch, n = dy.shape[0], dy.shape[0] * dy.shape[2]
+        dy = dy.contiguous()
+        sum_dy = dy.sum((0, 2))
+        d_stacked, dw_stacked = _conv1x1_backward(dy, stacked_x, stacked_w, True, True)
+        x, g = stacked_x[:, :p], stacked_x[:, p:]
+        dw0, dg0, r0, c0 = _bn2_terms(dw_stacked[:, :p], w0, g0, sum_dy, n, saved0)
+        dw2, dg2, r2, c2 = _bn2_terms(dw_stacked[:, p:], w2, g2, sum_dy, n, saved2)
+        dg = torch.baddbmm(d_stacked[:, p:], r2.expand(batch, -1, -1), g).add_(c2[:, None])
+        h = _bn_affine(z1, g1, b1, mean1, invstd1)
+        dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])
+        del dg, h
+        dz1, dg1, db1 = torch.ops.aten.native_batch_norm_backward(
+            dh, z1, g1, None, None, mean1, invstd1, True, ctx.eps1, [True, True, True])
+        need_x, need_w1 = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dx1, dw1 = _conv1x1_backward(dz1, x, w1, need_x, need_w1)
+        dx = None
+        if need_x:
+            dx = torch.baddbmm(d_stacked[:, :p], r0.expand(batch, -1, -1), x).add_(c0[:, None]).add_(dx1)
+        if not ctx.needs_input_grad[2]:
+            dw0 = None
+        return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
+
+
 def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, project: nn.Conv2d,
                         bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d, q: int) -> Tensor:
     """The expanding form of a 1×1 layer in train mode: ``BN2(W2·(coeff ⊙ BN1(W1·x))) + BN1(W0·x)``.
 
     ``x``: (B, p, H, W), already subsampled by the conv's stride; ``weight``: the shared (q + m, p, 1, 1) kernel
     [W0; W1]; ``coeff``: (B, m) or None.  Returns (B, q, H, W).  Same output, gradients and running statistics
-    as the modules, in fewer passes.
+    as the modules, in fewer passes (:class:`_PointwiseFolded` where q > p, :class:`_PointwiseExpanding`
+    otherwise).
     """
     b, p, h, w = x.shape
     flat = x.reshape(b, p, h * w)
@@ -246,7 +316,8 @@ def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, proj
         rm, rv = bn1.running_mean, bn1.running_var
         return rm[lo:hi], rv[lo:hi], f1, bn1.eps
 
-    y = _PointwiseExpanding.apply(
+    fn = _PointwiseFolded if q > p else _PointwiseExpanding
+    y = fn.apply(
         flat, coeff, w2d[:q], w2d[q:], project.weight.reshape(q, -1), bn1.weight[:q], bn1.bias[:q],
         bn1.weight[q:], bn1.bias[q:], bn2.weight, bn2.bias, stats(0, q), stats(q, None),
         (bn2.running_mean, bn2.running_var, f2, bn2.eps))
