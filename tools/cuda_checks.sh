@@ -43,10 +43,10 @@ def randomize(layer):
     return layer
 torch.manual_seed(0)
 for cls in (MDConv2d, MAConv2d):
-    for k, s in ((1, 1), (1, 2), (3, 1), (3, 2)):
-        fused = randomize(cls(24, 40, k, s, k // 2, m=8)).to(dev).train()
+    for k, s, p, q in ((1, 1, 24, 40), (1, 2, 24, 40), (1, 1, 40, 24), (3, 1, 24, 40), (3, 2, 24, 40)):
+        fused = randomize(cls(p, q, k, s, k // 2, m=8)).to(dev).train()
         plain = copy.deepcopy(fused); plain.fuse_training_tail = False
-        x = torch.randn(6, 24, 15, 15, device=dev)
+        x = torch.randn(6, p, 15, 15, device=dev)
         xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
         yf, yp = fused(xf), plain(xp)
         g = torch.randn_like(yp); yf.backward(g); yp.backward(g)
@@ -54,19 +54,19 @@ for cls in (MDConv2d, MAConv2d):
         errs += [rel(a.grad, b.grad) for a, b in zip(fused.parameters(), plain.parameters())]
         errs += [rel(a.float(), b.float()) for a, b in zip(fused.buffers(), plain.buffers())]
         ok = max(errs) < 1e-4; bad += not ok
-        print(f'train {cls.__name__} k={k} s={s}: max rel err {max(errs):.2e}', 'OK' if ok else 'MISMATCH')
+        print(f'train {cls.__name__} {p}->{q} k={k} s={s}: max rel err {max(errs):.2e}', 'OK' if ok else 'MISMATCH')
 for cls in (MDConv2d, DCDConv2d):
-    for k in (1, 3):
-        layer = randomize(cls(24, 40, k, 1, k // 2, m=8)).to(dev).eval()
+    for k, p, q in ((1, 24, 40), (1, 40, 24), (3, 24, 40)):
+        layer = randomize(cls(p, q, k, 1, k // 2, m=8)).to(dev).eval()
         comp = layer.fuse()
         for b in (1, 5):
-            x = torch.randn(b, 24, 15, 15, device=dev)
+            x = torch.randn(b, p, 15, 15, device=dev)
             with torch.no_grad():
                 want = layer(x)
                 for path in ('weight', 'factorized', 'auto'):
                     comp.path = path
                     e = rel(comp(x), want); ok = e < 1e-4; bad += not ok
-                    print(f'compact {cls.__name__} k={k} batch {b} {path}: rel err {e:.2e}', 'OK' if ok else 'MISMATCH')
+                    print(f'compact {cls.__name__} {p}->{q} k={k} batch {b} {path}: rel err {e:.2e}', 'OK' if ok else 'MISMATCH')
 sys.exit(1 if bad else 0)
 EOF
 echo "correctness: exit ${PIPESTATUS[0]}"
