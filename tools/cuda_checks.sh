@@ -43,7 +43,8 @@ def randomize(layer):
     return layer
 torch.manual_seed(0)
 for cls in (MDConv2d, MAConv2d):
-    for k, s, p, q in ((1, 1, 24, 40), (1, 2, 24, 40), (1, 1, 40, 24), (3, 1, 24, 40), (3, 2, 24, 40)):
+    for k, s, p, q in ((1, 1, 16, 40), (1, 2, 16, 40), (1, 1, 24, 40), (1, 1, 40, 24), (3, 1, 24, 40),
+                       (3, 2, 24, 40)):
         fused = randomize(cls(p, q, k, s, k // 2, m=8)).to(dev).train()
         plain = copy.deepcopy(fused); plain.fuse_training_tail = False
         x = torch.randn(6, p, 15, 15, device=dev)
