@@ -52,11 +52,12 @@ def can_fuse(bn: nn.Module) -> bool:
 DTYPES = (torch.float32, torch.float64)
 
 
-def _bn2_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tuple):
-    """Batch statistics of ``u = W2·g`` from g (B, m, N) and BN2 folded into W2.
+def _folded_bn_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tuple):
+    """Batch statistics of ``u = W·g`` from g (B, c, N) and the train-mode BN of u folded into W (BN2 with g, W2;
+    BN0 with x, W0).
 
-    Returns ``(w2_scaled, shift, saved)``: ``BN2(u) = w2_scaled·g + shift``; ``saved`` is what
-    :func:`_bn2_backward` needs.  Updates the running statistics as ``native_batch_norm`` would (unbiased
+    Returns ``(w_scaled, shift, saved)``: ``BN(u) = w_scaled·g + shift``; ``saved`` is what
+    :func:`_folded_bn_terms` needs.  Updates the running statistics as ``native_batch_norm`` would (unbiased
     variance)."""
     rm, rv, factor, eps = bn2
     n = g.shape[0] * g.shape[2]
@@ -74,8 +75,9 @@ def _bn2_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tupl
     return w2 * scale2[:, None], beta2 - mean2 * scale2, (mean_g, cov_g, mean2, invstd2)
 
 
-def _bn2_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n: int, saved):
-    """The small matrices of BN2's backward from ``gram = Σ dy·gᵀ`` (q, m).
+def _folded_bn_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n: int, saved):
+    """The small matrices of a folded BN's backward (:func:`_folded_bn_forward`; written for BN2) from
+    ``gram = Σ dy·gᵀ`` (q, m).
 
     With ``û = (u - mean2)·invstd2`` and ``k = mean(dy ⊙ û)``, BN's backward is
     ``du = s2 ⊙ (dy - mean(dy) - û ⊙ k)``; then ``dg = W2ᵀ·du = (s2 ⊙ W2)ᵀ·dy + R·g + c`` and ``dW2 = du·gᵀ``
@@ -97,14 +99,19 @@ def _bn2_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n: int,
 
 def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, saved):
     """Gradients of ``BN2(W2·g)`` (train mode) for output gradient dy (B, q, N), u never formed
-    (:func:`_bn2_terms`).  Returns ``(dg, dW2, dγ2)``."""
+    (:func:`_folded_bn_terms`).  Returns ``(dg, dW2, dγ2)``."""
     batch = g.shape[0]
     gram = torch.bmm(dy, g.transpose(1, 2)).sum(0)                              # Σ dy·gᵀ, (q, m)
-    dw2, dgamma2, r_mat, c_vec = _bn2_terms(gram, w2, gamma2, sum_dy, batch * g.shape[2], saved)
+    dw2, dgamma2, r_mat, c_vec = _folded_bn_terms(gram, w2, gamma2, sum_dy, batch * g.shape[2], saved)
     invstd2 = saved[3]
     dg = torch.baddbmm(c_vec[None, :, None], r_mat.expand(batch, -1, -1), g)
     dg.baddbmm_((w2 * (gamma2 * invstd2)[:, None]).t().expand(batch, -1, -1), dy)
     return dg, dw2, dgamma2
+
+
+def _mix(h: Tensor, coeff: Optional[Tensor]) -> Tensor:
+    """``g = coeff ⊙ h`` for h (B, m, N) and coeff (B, m) or None (identity)."""
+    return h * coeff[:, :, None] if coeff is not None else h
 
 
 def _mix_backward(dg: Tensor, h: Tensor, coeff: Optional[Tensor], need_dcoeff: bool):
@@ -137,7 +144,7 @@ class _ExpandingTail(torch.autograd.Function):
         else:
             g[:, :m].copy_(h)
         g[:, m].fill_(1)
-        w2s, shift, saved = _bn2_forward(g[:, :m], w2, g2, b2, bn2)
+        w2s, shift, saved = _folded_bn_forward(g[:, :m], w2, g2, b2, bn2)
         y = torch.baddbmm(zn[:, :q], torch.cat([w2s, shift[:, None]], 1).expand(batch, -1, -1), g)
         ctx.save_for_backward(z, coeff, w2, g1, b1, g2, mean1, invstd1, *saved)
         ctx.q, ctx.eps1 = q, eps1
@@ -150,7 +157,7 @@ class _ExpandingTail(torch.autograd.Function):
         q = ctx.q
         dy = dy.contiguous()
         h = _bn_affine(z[:, q:], g1[q:], b1[q:], mean1[q:], invstd1[q:])
-        g = h * coeff[:, :, None] if coeff is not None else h
+        g = _mix(h, coeff)
         sum_dy = dy.sum((0, 2))
         dg, dw2, dg2 = _bn2_backward(dy, g, w2, g2, sum_dy, saved)
         del g
@@ -207,8 +214,8 @@ class _PointwiseExpanding(torch.autograd.Function):
         z0, z1 = _conv1x1(x, w0), _conv1x1(x, w1)
         y, mean0, invstd0 = torch.native_batch_norm(z0, g0, b0, rm0, rv0, True, f0, eps0)
         h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
-        g = h * coeff[:, :, None] if coeff is not None else h
-        w2s, shift, saved = _bn2_forward(g, w2, g2, b2, bn2)
+        g = _mix(h, coeff)
+        w2s, shift, saved = _folded_bn_forward(g, w2, g2, b2, bn2)
         y.add_(shift[:, None]).baddbmm_(w2s.expand(batch, -1, -1), g)
         ctx.save_for_backward(x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1, *saved)
         ctx.eps = (eps0, eps1)
@@ -223,7 +230,7 @@ class _PointwiseExpanding(torch.autograd.Function):
         dz0, dg0, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, z0, g0, None, None, mean0, invstd0, True, eps0, [True, True, True])
         h = _bn_affine(z1, g1, b1, mean1, invstd1)
-        g = h * coeff[:, :, None] if coeff is not None else h
+        g = _mix(h, coeff)
         dg, dw2, dg2 = _bn2_backward(dy, g, w2, g2, sum_dy, saved)
         del g
         dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])
@@ -256,10 +263,10 @@ class _PointwiseFolded(torch.autograd.Function):
         rm1, rv1, f1, eps1 = bn1
         z1 = _conv1x1(x, w1)
         h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
-        g = h * coeff[:, :, None] if coeff is not None else h
+        g = _mix(h, coeff)
         del h
-        w0s, shift0, saved0 = _bn2_forward(x, w0, g0, b0, bn0)
-        w2s, shift2, saved2 = _bn2_forward(g, w2, g2, b2, bn2)
+        w0s, shift0, saved0 = _folded_bn_forward(x, w0, g0, b0, bn0)
+        w2s, shift2, saved2 = _folded_bn_forward(g, w2, g2, b2, bn2)
         stacked_x = torch.cat([x, g], 1)
         stacked_w = torch.cat([w0s, w2s], 1)
         y = torch.nn.functional.conv2d(stacked_x.unsqueeze(-1), stacked_w[:, :, None, None],
@@ -280,8 +287,8 @@ class _PointwiseFolded(torch.autograd.Function):
         sum_dy = dy.sum((0, 2))
         d_stacked, dw_stacked = _conv1x1_backward(dy, stacked_x, stacked_w, True, True)
         x, g = stacked_x[:, :p], stacked_x[:, p:]
-        dw0, dg0, r0, c0 = _bn2_terms(dw_stacked[:, :p], w0, g0, sum_dy, n, saved0)
-        dw2, dg2, r2, c2 = _bn2_terms(dw_stacked[:, p:], w2, g2, sum_dy, n, saved2)
+        dw0, dg0, r0, c0 = _folded_bn_terms(dw_stacked[:, :p], w0, g0, sum_dy, n, saved0)
+        dw2, dg2, r2, c2 = _folded_bn_terms(dw_stacked[:, p:], w2, g2, sum_dy, n, saved2)
         dg = torch.baddbmm(d_stacked[:, p:], r2.expand(batch, -1, -1), g).add_(c2[:, None])
         h = _bn_affine(z1, g1, b1, mean1, invstd1)
         dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])

@@ -204,7 +204,7 @@ class MultiLayerConv(ConvBase):
     #: how ``_mix`` acts, for the fused training tail: ``'diag'`` (a (B, m) scale), ``'identity'``, or None
     #: (anything else: the plain autograd path)
     fused_mix: Optional[str] = None
-    #: train-mode forward through :mod:`~mdplug.nn._fused` (1×1 layers: the whole layer as batched matmuls; others:
+    #: train-mode forward through :mod:`~mdplug.nn._fused` (1×1 layers: the whole layer in one function; others:
     #: the tail after the shared conv; same function and gradients, less memory and time); set False on an
     #: instance to use plain autograd
     fuse_training_tail: bool = True
