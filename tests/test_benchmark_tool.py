@@ -39,6 +39,19 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     assert res['train']['2']['mdconv expanding']['peak_bytes'] > res['train']['2']['static']['peak_bytes'] > 0
 
 
+def test_channels_last_run_says_so_in_report_and_json(tmp_path):
+    out, raw = tmp_path / 'cl.md', tmp_path / 'cl.json'
+    proc = run('--model', 'mobilenetv2_100', '--size', '64', '--batch', '1', '2', '--train-batch', '2',
+               '--variants', 'static', 'mdconv compact (auto)', 'dcd compact (auto)', '--train-variants', 'static',
+               'mdconv expanding', '--warmup', '0', '--repeats', '1', '--train-warmup', '0', '--train-repeats', '1',
+               '--threads', '1', '--channels-last', '--out', str(out), '--plot', '', '--json', str(raw))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith('# Benchmarks, channels-last') and 'channels-last (NHWC) models and inputs' in text
+    assert '| mdconv compact (auto) |' in text and '| mdconv expanding |' in text
+    assert json.loads(raw.read_text())['info']['channels_last'] is True
+
+
 def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
     import torch
     if not torch.cuda.is_available():

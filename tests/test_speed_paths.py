@@ -82,6 +82,49 @@ def test_one_sample_pointwise_path_has_the_batched_gradients(cls, path, stride):
         assert torch.allclose(p.grad / 2, grads[n]), n
 
 
+def _is_nhwc(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d, DYConv2d])
+@pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
+@pytest.mark.parametrize('bypass', [True, False])
+def test_compact_paths_keep_channels_last(cls, p, q, k, s, pad, bypass):
+    """Like ``nn.Conv2d``, every compact path returns a channels-last output for a channels-last input (1×1
+    products run on its (B, H·W, C) rows) and an NCHW one for an NCHW input, with the same values."""
+    kwargs = {} if cls is DYConv2d else dict(m=7, bypass=bypass)
+    layer = _compact(cls(p, q, k, s, pad, **kwargs))
+    for b in (1, 5):
+        x = torch.randn(b, p, 9, 9)
+        x_cl = x.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for path in ('weight', 'factorized', 'auto'):
+                layer.path = path
+                want, got = layer(x), layer(x_cl)
+                assert want.is_contiguous() and _is_nhwc(got), (path, b)
+                assert rel_err(got, want) < 1e-5, (path, b)
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
+@pytest.mark.parametrize('path', ['weight', 'factorized'])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_channels_last_compact_paths_have_the_nchw_gradients(cls, path, batch):
+    """The channels-last (row) products of the compact form give the NCHW code's gradients, in float64."""
+    layer = _compact(cls(6, 10, 1, 2, m=5)).train().double()
+    layer.path = path
+    x = torch.randn(batch, 6, 7, 7, dtype=torch.float64)
+    grads = []
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        inp = inp.detach().requires_grad_()
+        layer.zero_grad()
+        y = layer(inp)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape[0], y.shape[2], y.shape[3], y.shape[1])
+         .permute(0, 3, 1, 2)).sum().backward()
+        grads.append([inp.grad] + [prm.grad for prm in layer.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
 @pytest.mark.parametrize('groups', [1, 2])
 def test_dyconv_paths_equal(p, q, k, s, pad, groups):

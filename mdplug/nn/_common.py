@@ -25,6 +25,16 @@ def tracing_for_export() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (B, C, H, W) is laid out channels-last (NHWC in memory) and not also NCHW-contiguous.
+
+    The 1×1 products of the compact forms then run on its (B, H·W, C) view: no layout copy on the way in, and the
+    output comes back channels-last, as ``F.conv2d`` returns it for such an input (with NCHW products every layer
+    would copy its input to NCHW and hand the next layer an NCHW tensor).
+    """
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _pair(v) -> Tuple[int, int]:
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
@@ -100,9 +110,15 @@ class ConvBase(nn.Module):
         return self.kernel_size == (1, 1) and (self.padding in ('valid', 'same') or self.padding == (0, 0))
 
     def _pointwise_input(self, x: Tensor) -> Tensor:
-        """What a 1×1 conv with this stride reads of ``x``: every stride-th row and column (no padding)."""
+        """What a 1×1 conv with this stride reads of ``x``: every stride-th row and column (no padding); a
+        channels-last ``x`` gives a channels-last copy (a strided slice of it would be neither layout, and convs
+        and reshapes of it would fall back to NCHW)."""
         sh, sw = self.stride
-        return x[:, :, ::sh, ::sw] if sh > 1 or sw > 1 else x
+        if sh == 1 and sw == 1:
+            return x
+        if is_channels_last(x):
+            return x[:, :, ::sh, ::sw].contiguous(memory_format=torch.channels_last)
+        return x[:, :, ::sh, ::sw]
 
     def per_sample_conv_is_batch_agnostic(self) -> bool:
         """Whether :meth:`per_sample_conv` runs as a ``bmm`` (any batch) rather than a conv with groups=B."""
@@ -112,22 +128,30 @@ class ConvBase(nn.Module):
         """Convolve each sample with its own kernel in one batched call (the compact form's execution).
 
         ``x``: (B, p, H, W); ``weight``: (B, q, p/g, kh, kw); ``bias``: (B, q) or None.  1×1 kernels run as one
-        ``bmm`` (strides by slicing); other kernels as one grouped conv over the batch.  The batch size is read
+        ``bmm`` (strides by slicing; on the (B, H·W, p) view of a channels-last ``x``, whose layout the output
+        keeps); other kernels as one grouped conv over the batch.  The batch size is read
         from ``x`` at every call, never stored.
         """
         b, q = weight.shape[0], weight.shape[1]
         if self.per_sample_conv_is_batch_agnostic():
+            nhwc = is_channels_last(x)
             x = self._pointwise_input(x)
-            h, w = x.shape[-2:]
-            flat = x.reshape(b, x.shape[1], h * w)
+            p, h, w = x.shape[1:]
             w2d = weight.reshape(b, q, -1)
+            if nhwc:  # (B, H·W, p) rows times each sample's kernel transposed: the output stays channels-last
+                rows, wt = x.permute(0, 2, 3, 1).reshape(b, h * w, p), w2d.transpose(1, 2)
+                y = torch.bmm(rows, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows, wt)
+                return y.view(b, h, w, q).permute(0, 3, 1, 2)
+            flat = x.reshape(b, p, h * w)
             y = torch.bmm(w2d, flat) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w2d, flat)
             return y.reshape(b, q, h, w)
         groups = self.groups
         y = F.conv2d(x.reshape(1, -1, x.shape[-2], x.shape[-1]), weight.reshape((-1,) + tuple(weight.shape[2:])),
                      None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,
                      groups * b)
-        return y.reshape(b, q, y.shape[-2], y.shape[-1])
+        y = y.reshape(b, q, y.shape[-2], y.shape[-1])
+        # (the batch folded into the channels cannot stay channels-last; the output goes back to x's layout)
+        return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
 
     def init_weights(self) -> None:
         """The initialisation hook of mmengine/mmcv (``ConvModule`` calls it): the layer's own ``reset_parameters``."""

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import (PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, kaiming_conv_init_,
-                      tracing_for_export)
+from ._common import (PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, is_channels_last,
+                      kaiming_conv_init_, tracing_for_export)
 
 
 class DYConv2d(ConvBase):
@@ -91,8 +91,11 @@ class DYConv2d(ConvBase):
                            ) if self.groups == 1 else torch.cat(
                 [self._conv(x, self.weight[i], None if self.bias is None else self.bias[i], self.groups)
                  for i in range(k)], 1)
-            y = y.reshape(y.shape[0], k, q, y.shape[-2], y.shape[-1])
-            return torch.einsum('bk,bkqhw->bqhw', pi, y)
+            b, _, oh, ow = y.shape
+            if is_channels_last(y):  # mix the (B, H'·W', K, q) rows: the output stays channels-last
+                rows = y.permute(0, 2, 3, 1).reshape(b, oh * ow, k, q)
+                return torch.einsum('bk,bnkq->bnq', pi, rows).view(b, oh, ow, q).permute(0, 3, 1, 2)
+            return torch.einsum('bk,bkqhw->bqhw', pi, y.reshape(b, k, q, oh, ow))
         weight, bias = fusion.dyconv_kernel_bias(self.weight, self.bias, pi)
         return self.per_sample_conv(x, weight, bias)
 
