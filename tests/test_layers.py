@@ -166,6 +166,20 @@ def test_bf16_autocast_and_channels_last(kind, p, q, k, batch):
                     assert rel_err(out.float(), ref) < 5e-2, path
 
 
+def test_dyconv_loads_checkpoints_with_five_dimensional_experts():
+    """DYConv2d keeps its K kernels flat, (K, q·p·k·k); a state dict with the (K, q, p, k, k) form still loads."""
+    layer = DYConv2d(6, 8, 3, padding=1).eval()
+    assert layer.weight.shape == (4, 8 * 6 * 9) and layer.experts.shape == (4, 8, 6, 3, 3)
+    state = dict(layer.state_dict(), weight=layer.experts.detach().clone())
+    fresh = DYConv2d(6, 8, 3, padding=1).eval()
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh(x), layer(x))
+    with pytest.raises(RuntimeError, match='weight'):
+        DYConv2d(6, 8, 3, padding=1).load_state_dict(dict(state, weight=torch.zeros(4, 8, 6, 1, 1)))
+
+
 def test_from_conv_carries_the_static_kernel():
     conv = nn.Conv2d(6, 10, 3, 2, 1, bias=True).eval()
     x = torch.randn(2, 6, 8, 8)

@@ -195,7 +195,7 @@ def test_peer_dyconv_matches_mdplug_dyconv(k, groups):
     peer = PeerDYConv2d(conv).eval()
     ours = DYConv2d.from_conv(conv).eval()
     with torch.no_grad():
-        ours.weight.copy_(peer.weight)
+        ours.experts.copy_(peer.weight)
         ours.bias.copy_(peer.bias)
         ours.attention.fc1.load_state_dict(peer.fc1.state_dict())
         ours.attention.fc2.load_state_dict(peer.fc2.state_dict())

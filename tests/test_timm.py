@@ -1,4 +1,6 @@
 """timm integration: registered entry points and timm's reparameterize_model on converted models."""
+import copy
+
 import timm
 import torch
 from timm.utils import reparameterize_model
@@ -37,6 +39,35 @@ def test_reparameterize_model_gives_the_compact_form():
         assert all(t.deploy for t in r.modules() if isinstance(t, MDConv2d))
         with torch.no_grad():
             assert relative_diff(m(x), r(x)) <= 1e-4
+
+
+def test_every_kind_runs_a_channels_last_model_like_timm_scripts_do():
+    """timm's train/validate ``--channels-last`` call ``model.to(memory_format=torch.channels_last)``: it works on
+    every converted model (DYConv's experts are stored flat: the call refuses 5-D tensors), and the expanding
+    (train mode) and compact forms give the NCHW outputs, the compact one in channels-last layout (float64: train
+    mode normalises by the statistics of a batch of two, which amplifies float32 rounding)."""
+    x = small_input().double()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for kind in sorted(LAYERS):
+        kwargs = dict(m=8) if kind in ('maconv', 'mdconv', 'dcd') else {}
+        m = convert(timm.create_model('mobilenetv2_050'), kind, example_inputs=x[:1].float(), **kwargs)
+        calibrate_bn(m, x.float())
+        m.double()
+        with torch.no_grad():  # (train-mode forwards on copies: they update the running statistics)
+            want_train = copy.deepcopy(m).train()(x)
+            want = m.eval()(x)
+        m.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert relative_diff(want_train, copy.deepcopy(m).train()(x_cl)) <= 1e-9, kind
+            assert relative_diff(want, m(x_cl)) <= 1e-9, kind
+            compact = reparameterize_model(m)
+            layers = [t for t in compact.modules() if isinstance(t, tuple(LAYERS.values()))]
+            outs = []
+            hooks = [t.register_forward_hook(lambda mod, inp, out: outs.append(out)) for t in layers]
+            assert relative_diff(want, compact(x_cl)) <= 1e-9, kind
+            for h in hooks:
+                h.remove()
+            assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs), kind
 
 
 def test_import_mdplug_registers_and_exports():

@@ -89,6 +89,16 @@ def build_inference(static: nn.Module, select: str, names: Sequence[str], varian
     return {v: makers[v]() for v in variants}
 
 
+def to_layout(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
+    """``model`` with its 4-D parameters and buffers in memory format ``fmt`` (in place).  Unlike
+    ``model.to(memory_format=...)``, which raises on 5-D tensors, this also takes layers that keep their expert
+    kernels as one (K, q, p, k, k) parameter, as public DYConv code (the peer) does."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=fmt)
+    return model
+
+
 def build_train(static: nn.Module, select: str, names: Sequence[str], variants: Sequence[str]):
     makers = {
         'static': lambda: copy.deepcopy(static),
@@ -267,7 +277,7 @@ def run_model(name: str, args, bar) -> dict:
     variants = [v for v in INFER if v in args.variants] if args.variants else list(INFER)
     dev = args.device
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    models = {v: m.to(dev, memory_format=fmt) for v, m in build_inference(static, select, names, variants).items()}
+    models = {v: to_layout(m.to(dev), fmt) for v, m in build_inference(static, select, names, variants).items()}
     for b in args.batch:
         x = torch.randn(b, *size, device=dev).contiguous(memory_format=fmt)
         with torch.inference_mode(), autocast(args):
@@ -280,7 +290,7 @@ def run_model(name: str, args, bar) -> dict:
     for b in train_batches:
         x = torch.randn(b, *size, device=dev).contiguous(memory_format=fmt)
         target = torch.randint(0, 1000, (b,), device=dev)
-        fns = {v: train_step(m.to(dev, memory_format=fmt), x, target, autocast(args))
+        fns = {v: train_step(to_layout(m.to(dev), fmt), x, target, autocast(args))
                for v, m in build_train(static, select, names, tvariants).items()}
         times = time_round_robin(fns, args.train_warmup, args.train_repeats, bar, dev)
         res = {v: summarise(t) for v, t in times.items()}

@@ -26,6 +26,10 @@ class DYConv2d(ConvBase):
 
     Args (beyond ``nn.Conv2d``'s): ``num_experts`` (K, paper 4), ``temperature`` (paper 30), ``hidden_ratio``
     (paper 1/4), ``path``; ``deploy`` is accepted for the common interface and changes nothing.
+
+    The K kernels are stored flat, ``weight`` (K, q·p/g·kh·kw) as timm's ``CondConv2d`` keeps them, so that
+    ``model.to(memory_format=torch.channels_last)`` (which refuses 5-D tensors) works on converted models;
+    :attr:`experts` is the (K, q, p/g, kh, kw) view.  Checkpoints holding the 5-D form load as well.
     """
 
     supports_groups = True
@@ -42,26 +46,40 @@ class DYConv2d(ConvBase):
         f = dict(device=device, dtype=dtype)
         self.num_experts = num_experts
         self.path = path
-        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels // groups,
-                                               *self.kernel_size, **f))
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **f))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **f)) if bias else None
         self.attention = Attention(in_channels, num_experts, hidden_ratio, 'softmax', temperature, **f)
         self.deploy = bool(deploy)
         self.reset_parameters()
 
+    @property
+    def experts(self) -> Tensor:
+        """The K kernels as a (K, q, p/g, kh, kw) view of :attr:`weight`."""
+        return self.weight.view((self.num_experts, self.out_channels, self.in_channels // self.groups)
+                                + self.kernel_size)
+
     def reset_parameters(self) -> None:
+        experts = self.experts
         for k in range(self.num_experts):
-            kaiming_conv_init_(self.weight[k])
+            kaiming_conv_init_(experts[k])
         if self.bias is not None:
-            conv_bias_init_(self.bias, self.weight[0, 0].numel())
+            conv_bias_init_(self.bias, experts[0, 0].numel())
         self.attention.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'weight'
+        w = state_dict.get(key)
+        if isinstance(w, Tensor) and w.dim() == 5 and tuple(w.shape) == tuple(self.experts.shape):
+            state_dict[key] = w.reshape(self.num_experts, -1)  # the (K, q, p/g, kh, kw) form
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'DYConv2d':
         """Every expert starts as ``conv``'s kernel, so the new layer computes what ``conv`` did."""
         layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
         layer.train(conv.training)
-        _copy_param(layer.weight, conv.weight.unsqueeze(0).expand_as(layer.weight))
+        _copy_param(layer.weight, conv.weight.reshape(1, -1).expand_as(layer.weight))
         if conv.bias is not None:
             _copy_param(layer.bias, conv.bias.unsqueeze(0).expand_as(layer.bias))
         return layer
@@ -79,7 +97,7 @@ class DYConv2d(ConvBase):
         if x is None:
             raise ValueError('DYConv2d.get_equivalent_kernel_bias needs the input x: the kernel Σ π_k(x) W_k '
                              'depends on it')
-        return fusion.dyconv_kernel_bias(self.weight, self.bias, self.dynamic_coefficients(x))
+        return fusion.dyconv_kernel_bias(self.experts, self.bias, self.dynamic_coefficients(x))
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.dynamic_coefficients(x)
@@ -87,16 +105,17 @@ class DYConv2d(ConvBase):
         if self.path == 'factorized' or (not self.per_sample_conv_is_batch_agnostic() and tracing_for_export()):
             k, q = self.num_experts, self.out_channels
             bias = None if self.bias is None else self.bias.reshape(-1)
-            y = self._conv(x, self.weight.reshape((k * q,) + tuple(self.weight.shape[2:])), bias, self.groups
+            experts = self.experts
+            y = self._conv(x, experts.reshape((k * q,) + tuple(experts.shape[2:])), bias, self.groups
                            ) if self.groups == 1 else torch.cat(
-                [self._conv(x, self.weight[i], None if self.bias is None else self.bias[i], self.groups)
+                [self._conv(x, experts[i], None if self.bias is None else self.bias[i], self.groups)
                  for i in range(k)], 1)
             b, _, oh, ow = y.shape
             if is_channels_last(y):  # mix the (B, H'·W', K, q) rows: the output stays channels-last
                 rows = y.permute(0, 2, 3, 1).reshape(b, oh * ow, k, q)
                 return torch.einsum('bk,bnkq->bnq', pi, rows).view(b, oh, ow, q).permute(0, 3, 1, 2)
             return torch.einsum('bk,bkqhw->bqhw', pi, y.reshape(b, k, q, oh, ow))
-        weight, bias = fusion.dyconv_kernel_bias(self.weight, self.bias, pi)
+        weight, bias = fusion.dyconv_kernel_bias(self.experts, self.bias, pi)
         return self.per_sample_conv(x, weight, bias)
 
     def switch_to_deploy(self) -> None:
