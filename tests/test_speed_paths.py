@@ -105,6 +105,26 @@ def test_compact_paths_keep_channels_last(cls, p, q, k, s, pad, bypass):
                 assert rel_err(got, want) < 1e-5, (path, b)
 
 
+@pytest.mark.parametrize('cls,fused', [(MDConv2d, True), (MDConv2d, False), (DCDConv2d, False), (DYConv2d, False)])
+def test_training_gradient_of_a_channels_last_input_stays_channels_last(cls, fused):
+    """In a model the layer's input is computed (not a leaf): its gradient, which sums the attention's (GAP) and
+    the convolutions' parts, must come back channels-last for a channels-last input (an NCHW one makes the
+    producer's BatchNorm backward mix layouts), with the NCHW gradient's values."""
+    torch.manual_seed(0)
+    layer = cls(6, 10, 1) if cls is DYConv2d else cls(6, 10, 1, m=5)
+    layer = randomize_bn(layer).double().train()
+    if hasattr(layer, 'fuse_training_tail'):
+        layer.fuse_training_tail = fused
+    x0 = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    grads = []
+    for leaf in (x0, x0.to(memory_format=torch.channels_last)):
+        leaf = leaf.detach().requires_grad_()
+        x = torch.relu(leaf)
+        y = layer(x)
+        grads.append(torch.autograd.grad(y, x, torch.ones_like(y))[0])
+    assert _is_nhwc(grads[1]) and torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
 @pytest.mark.parametrize('path', ['weight', 'factorized'])
 @pytest.mark.parametrize('batch', [1, 3])
@@ -260,6 +280,7 @@ def test_fused_training_paths_are_exact_in_float64(cls, momentum, k, p, q):
         yf.backward(g)
         yp.backward(g)
     assert (xf.grad - xp.grad).abs().max() < 1e-12
+    assert all(map(_is_nhwc, (yf, xf.grad, yp, xp.grad)))  # the layouts plain autograd (and nn.Conv2d) give
     for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
         assert (pf.grad - pp.grad).abs().max() < 1e-11 * max(1.0, pp.grad.abs().max().item()), name
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):

@@ -27,6 +27,30 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 
+class _NCHW(torch.autograd.Function):
+    """A channels-last ``x`` as an NCHW-contiguous copy whose gradient goes back channels-last.
+
+    The fused functions compute on (B, C, H·W) views of NCHW tensors.  A channels-last layer input is copied
+    once on the way in (and the output once on the way out, by the caller), and the gradient of the input, which
+    collects the attention's and the layer's parts in NCHW, is handed back in the input's layout: a gradient in
+    the other layout than its tensor would send the producer's BatchNorm backward down its slow mixed-layout path
+    (measured on mobilenetv2_100: a channels-last training step 1.6× slower).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def to_nchw(x: Tensor) -> Tensor:
+    """:class:`_NCHW` applied to ``x``."""
+    return _NCHW.apply(x)
+
+
 def _bn_factor(bn: nn.BatchNorm2d) -> float:
     """The running-average factor ``nn.BatchNorm2d.forward`` uses, counting this batch (train mode)."""
     if bn.num_batches_tracked is not None:
