@@ -5,7 +5,8 @@
 #
 # 0. correctness on the GPU of the fused training functions (1×1 and k×k, MDConv and MAConv: output, every
 #    gradient and the BN running statistics against plain autograd) and of every compact path against the
-#    expanding form in eval mode, float32, at batch 1 and 5; mismatches are printed and set the exit status;
+#    expanding form in eval mode, float32, at batch 1 and 5, NCHW and channels-last (whose outputs must stay
+#    channels-last); mismatches are printed and set the exit status;
 # 1. tools/benchmark.py on mobilenetv2_100 and resnet18 with --device cuda, float32 then bfloat16 autocast
 #    (CUDA events, more repeats than on the CPU), each capped by `timeout`;
 # 2. tools/reproduce.py --device cuda: Table 5's suite on all 60 000 Fashion-MNIST images for 10 epochs, 3 seeds,
@@ -32,6 +33,9 @@ python3 - <<'EOF' 2>&1 | tee "$out/cuda_correctness.txt"
 import copy, sys, torch
 from mdplug import MAConv2d, MDConv2d, DCDConv2d
 dev, bad = 'cuda', 0
+CL = torch.channels_last
+def nhwc(t):
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 def randomize(layer):
@@ -45,17 +49,18 @@ torch.manual_seed(0)
 for cls in (MDConv2d, MAConv2d):
     for k, s, p, q in ((1, 1, 16, 40), (1, 2, 16, 40), (1, 1, 24, 40), (1, 1, 40, 24), (3, 1, 24, 40),
                        (3, 2, 24, 40)):
+      for fmt in (torch.contiguous_format, CL):
         fused = randomize(cls(p, q, k, s, k // 2, m=8)).to(dev).train()
         plain = copy.deepcopy(fused); plain.fuse_training_tail = False
-        x = torch.randn(6, p, 15, 15, device=dev)
+        x = torch.randn(6, p, 15, 15, device=dev).contiguous(memory_format=fmt)
         xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
         yf, yp = fused(xf), plain(xp)
         g = torch.randn_like(yp); yf.backward(g); yp.backward(g)
         errs = [rel(yf, yp), rel(xf.grad, xp.grad)]
         errs += [rel(a.grad, b.grad) for a, b in zip(fused.parameters(), plain.parameters())]
         errs += [rel(a.float(), b.float()) for a, b in zip(fused.buffers(), plain.buffers())]
-        ok = max(errs) < 1e-4; bad += not ok
-        print(f'train {cls.__name__} {p}->{q} k={k} s={s}: max rel err {max(errs):.2e}', 'OK' if ok else 'MISMATCH')
+        ok = max(errs) < 1e-4 and (fmt is not CL or nhwc(yf)); bad += not ok
+        print(f'train {cls.__name__} {p}->{q} k={k} s={s} {fmt}: max rel err {max(errs):.2e}', 'OK' if ok else 'MISMATCH')
 for cls in (MDConv2d, DCDConv2d):
     for k, p, q in ((1, 24, 40), (1, 40, 24), (3, 24, 40)):
         layer = randomize(cls(p, q, k, 1, k // 2, m=8)).to(dev).eval()
@@ -66,8 +71,11 @@ for cls in (MDConv2d, DCDConv2d):
                 want = layer(x)
                 for path in ('weight', 'factorized', 'auto'):
                     comp.path = path
-                    e = rel(comp(x), want); ok = e < 1e-4; bad += not ok
-                    print(f'compact {cls.__name__} {p}->{q} k={k} batch {b} {path}: rel err {e:.2e}', 'OK' if ok else 'MISMATCH')
+                    for fmt in (torch.contiguous_format, CL):
+                        y = comp(x.contiguous(memory_format=fmt))
+                        e = rel(y, want); ok = e < 1e-4 and (fmt is not CL or nhwc(y)); bad += not ok
+                        print(f'compact {cls.__name__} {p}->{q} k={k} batch {b} {path} {fmt}: rel err {e:.2e}',
+                              'OK' if ok else 'MISMATCH')
 sys.exit(1 if bad else 0)
 EOF
 echo "correctness: exit ${PIPESTATUS[0]}"
