@@ -86,13 +86,18 @@ def _is_nhwc(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d, DYConv2d])
+_LAYOUT_CASES = [(cls, dict(m=7, norm=norm, bypass=bypass, bias=bias)) for cls in (MDConv2d, DCDConv2d)
+                 for norm, bypass, bias in [('branch', True, True), ('branch', False, True), ('sum', True, True),
+                                            ('none', True, False), ('none', False, False)]]
+_LAYOUT_CASES += [(DYConv2d, dict(bias=True)), (DYConv2d, dict(bias=False))]
+
+
+@pytest.mark.parametrize('cls,kwargs', _LAYOUT_CASES)
 @pytest.mark.parametrize('p,q,k,s,pad', GEOMETRIES)
-@pytest.mark.parametrize('bypass', [True, False])
-def test_compact_paths_keep_channels_last(cls, p, q, k, s, pad, bypass):
+def test_compact_paths_keep_channels_last(cls, kwargs, p, q, k, s, pad):
     """Like ``nn.Conv2d``, every compact path returns a channels-last output for a channels-last input (1×1
-    products run on its (B, H·W, C) rows) and an NCHW one for an NCHW input, with the same values."""
-    kwargs = {} if cls is DYConv2d else dict(m=7, bypass=bypass)
+    products run on its (B, H·W, C) rows) and an NCHW one for an NCHW input, with the same values (with and
+    without each bias and the bypass)."""
     layer = _compact(cls(p, q, k, s, pad, **kwargs))
     for b in (1, 5):
         x = torch.randn(b, p, 9, 9)
