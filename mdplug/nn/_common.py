@@ -26,13 +26,33 @@ def tracing_for_export() -> bool:
 
 
 def is_channels_last(x: Tensor) -> bool:
-    """Whether ``x`` (B, C, H, W) is laid out channels-last (NHWC in memory) and not also NCHW-contiguous.
+    """Whether the channels of ``x`` (B, C, H, W) are its innermost dimension in memory (channels-last, or a
+    channel slice of such a tensor) and ``x`` is not also NCHW-contiguous.
 
-    The 1×1 products of the compact forms then run on its (B, H·W, C) view: no layout copy on the way in, and the
-    output comes back channels-last, as ``F.conv2d`` returns it for such an input (with NCHW products every layer
-    would copy its input to NCHW and hand the next layer an NCHW tensor).
+    The 1×1 products of the compact forms then run on its (B, H·W, C) rows (:func:`channel_matmul`): no layout
+    copy on the way in, and the output comes back channels-last, as ``F.conv2d`` returns it for such an input
+    (with NCHW products every layer would copy its input to NCHW and hand the next layer an NCHW tensor).
     """
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def channel_matmul(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tensor:
+    """Each sample's channels mixed by its own matrix at every pixel: ``y[b] = mat[b]·t[b] + add``.
+
+    ``mat`` (B, q, c); ``t`` (B, c, H, W); ``add`` broadcastable to the (B, q, H, W) result or None (a bias as
+    (1 or B, q, 1, 1), or a full tensor).  One batched matmul, on the (B, c, H·W) view of an NCHW ``t`` or on the
+    (B, H·W, c) rows of a channels-last one (:func:`is_channels_last`), whose layout the result keeps.
+    """
+    b, c, h, w = t.shape
+    q = mat.shape[1]
+    if is_channels_last(t):
+        rows, mat_t = t.permute(0, 2, 3, 1).reshape(b, h * w, c), mat.transpose(1, 2)
+        y = torch.bmm(rows, mat_t) if add is None else torch.baddbmm(add.permute(0, 2, 3, 1).flatten(1, 2), rows,
+                                                                      mat_t)
+        return y.view(b, h, w, q).permute(0, 3, 1, 2)
+    flat = t.reshape(b, c, h * w)
+    y = torch.bmm(mat, flat) if add is None else torch.baddbmm(add.flatten(2), mat, flat)
+    return y.view(b, q, h, w)
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -128,23 +148,13 @@ class ConvBase(nn.Module):
         """Convolve each sample with its own kernel in one batched call (the compact form's execution).
 
         ``x``: (B, p, H, W); ``weight``: (B, q, p/g, kh, kw); ``bias``: (B, q) or None.  1×1 kernels run as one
-        ``bmm`` (strides by slicing; on the (B, H·W, p) view of a channels-last ``x``, whose layout the output
-        keeps); other kernels as one grouped conv over the batch.  The batch size is read
-        from ``x`` at every call, never stored.
+        batched matmul (strides by slicing; :func:`channel_matmul`, which keeps a channels-last layout); other
+        kernels as one grouped conv over the batch.  The batch size is read from ``x`` at every call, never stored.
         """
         b, q = weight.shape[0], weight.shape[1]
         if self.per_sample_conv_is_batch_agnostic():
-            nhwc = is_channels_last(x)
-            x = self._pointwise_input(x)
-            p, h, w = x.shape[1:]
-            w2d = weight.reshape(b, q, -1)
-            if nhwc:  # (B, H·W, p) rows times each sample's kernel transposed: the output stays channels-last
-                rows, wt = x.permute(0, 2, 3, 1).reshape(b, h * w, p), w2d.transpose(1, 2)
-                y = torch.bmm(rows, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows, wt)
-                return y.view(b, h, w, q).permute(0, 3, 1, 2)
-            flat = x.reshape(b, p, h * w)
-            y = torch.bmm(w2d, flat) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w2d, flat)
-            return y.reshape(b, q, h, w)
+            return channel_matmul(weight.reshape(b, q, -1), self._pointwise_input(x),
+                                  None if bias is None else bias[:, :, None, None])
         groups = self.groups
         y = F.conv2d(x.reshape(1, -1, x.shape[-2], x.shape[-1]), weight.reshape((-1,) + tuple(weight.shape[2:])),
                      None if bias is None else bias.reshape(-1), self.stride, self.padding, self.dilation,

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .. import fusion
 from . import _fused
-from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, conv_bias_init_, is_channels_last,
-                      kaiming_conv_init_, tracing_for_export)
+from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
+                      is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -338,63 +338,38 @@ class MultiLayerConv(ConvBase):
         with ``left = W2'·A(x)`` (MDConv) or ``W2'·Φ(x)`` (DCD), (1, q, m).  At batch 1 this is the cheapest
         execution of the compact form: no batch dimension, no kernel broadcast over a batch, biases added by the
         matmuls themselves (mobilenetv2_100 at batch 1 measured 5 % faster than the batched code on one sample).
-        A channels-last ``x`` runs the transposed products on its (H·W, p) view instead (:meth:`_one_sample_rows`).
+        A channels-last ``x`` runs the same products transposed on its (H·W, p) rows (a view, no copy), each
+        output pixel a row of q values, and the result is channels-last.
         """
-        if is_channels_last(x):
-            return self._one_sample_rows(x, left, path)
+        nhwc = is_channels_last(x)
         x = self._pointwise_input(x)
         _, p, h, w = x.shape
         q, m = self.out_channels, self.m
-        flat = x.reshape(p, h * w)
+        data = x.permute(0, 2, 3, 1).reshape(h * w, p) if nhwc else x.reshape(p, h * w)
         left = left.reshape(q, m)
         w1 = self.weight1.reshape(m, p)
         w0 = None if self.weight is None else self.weight.reshape(q, p)
+
+        def apply(mat: Tensor, d: Tensor, add: Optional[Tensor] = None) -> Tensor:
+            """``mat·d + add`` in the data's orientation; ``add`` a per-channel vector or a full product."""
+            if nhwc:
+                return torch.mm(d, mat.t()) if add is None else torch.addmm(add, d, mat.t())
+            if add is not None and add.dim() == 1:
+                add = add.unsqueeze(1)
+            return torch.mm(mat, d) if add is None else torch.addmm(add, mat, d)
+
         # (only mm/addmm, out of place: the products torch's FlopCounterMode counts, so mdplug.profile stays exact)
-        if path == 'weight':
-            kernel = torch.mm(left, w1) if w0 is None else torch.addmm(w0, left, w1)
-            bias = None if self.bias is None else self.bias.unsqueeze(1)
-            if self.bias1 is not None:
-                b1 = self.bias1.unsqueeze(1)
-                bias = torch.mm(left, b1) if bias is None else torch.addmm(bias, left, b1)
-            y = torch.mm(kernel, flat) if bias is None else torch.addmm(bias, kernel, flat)
-            return y.view(1, q, h, w)
-        inner = torch.mm(w1, flat) if self.bias1 is None else torch.addmm(self.bias1.unsqueeze(1), w1, flat)
-        if w0 is None:
-            y = torch.mm(left, inner) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), left, inner)
-        else:
-            y = torch.mm(w0, flat) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w0, flat)
-            y = torch.addmm(y, left, inner)
-        return y.view(1, q, h, w)
-
-    def _one_sample_rows(self, x: Tensor, left: Tensor, path: str) -> Tensor:
-        """:meth:`_one_sample_pointwise` for a channels-last sample: the same products transposed, on its
-        (H·W, p) rows (a view, no copy), each output pixel a row of q values; the result is channels-last::
-
-            'weight':      yᵀ = xᵀ·(W0' + left·W1')ᵀ + (b' + left·b1')ᵀ
-            'factorized':  yᵀ = xᵀ·W0'ᵀ + b'ᵀ + (xᵀ·W1'ᵀ + b1'ᵀ)·leftᵀ
-        """
-        x = self._pointwise_input(x)
-        _, p, h, w = x.shape
-        q, m = self.out_channels, self.m
-        rows = x.permute(0, 2, 3, 1).reshape(h * w, p)
-        left = left.reshape(q, m)
-        w1 = self.weight1.reshape(m, p)
-        w0 = None if self.weight is None else self.weight.reshape(q, p)
         if path == 'weight':
             kernel = torch.mm(left, w1) if w0 is None else torch.addmm(w0, left, w1)
             bias = self.bias
             if self.bias1 is not None:
                 b1 = self.bias1.unsqueeze(1)
                 bias = (torch.mm(left, b1) if bias is None else torch.addmm(bias.unsqueeze(1), left, b1)).view(q)
-            y = torch.mm(rows, kernel.t()) if bias is None else torch.addmm(bias, rows, kernel.t())
+            y = apply(kernel, data, bias)
         else:
-            inner = torch.mm(rows, w1.t()) if self.bias1 is None else torch.addmm(self.bias1, rows, w1.t())
-            if w0 is None:
-                y = torch.mm(inner, left.t()) if self.bias is None else torch.addmm(self.bias, inner, left.t())
-            else:
-                y = torch.mm(rows, w0.t()) if self.bias is None else torch.addmm(self.bias, rows, w0.t())
-                y = torch.addmm(y, inner, left.t())
-        return y.view(1, h, w, q).permute(0, 3, 1, 2)
+            inner = apply(w1, data, self.bias1)
+            y = apply(left, inner, self.bias if w0 is None else apply(w0, data, self.bias))
+        return y.view(1, h, w, q).permute(0, 3, 1, 2) if nhwc else y.view(1, q, h, w)
 
     def _stacks_input(self) -> bool:
         """Whether the factorized form runs as :meth:`_stacked_factorized`: 1×1 layers with more output than
@@ -426,33 +401,18 @@ class MultiLayerConv(ConvBase):
 
         which is Eq. 6–7 applied without forming a kernel: left·(W1'⊛x + b1') + W0'⊛x + b'.  Any kernel size
         and batch; every shape is read from the conv's output, so it exports with a dynamic batch.  A
-        channels-last input gives a channels-last conv output, whose (B, H'·W', q + m) rows are mixed instead.
+        channels-last input gives a channels-last conv output, and the mix keeps it (:func:`channel_matmul`).
         """
         q, m = self.out_channels, self.m
         if self.weight is None:
-            h = self._conv(x, self.weight1, self.bias1)
-            b, _, oh, ow = h.shape
-            if is_channels_last(h):  # the conv kept x's layout: mix the (B, H'·W', m) rows, stay channels-last
-                y = torch.bmm(h.permute(0, 2, 3, 1).reshape(b, oh * ow, m), left.transpose(1, 2))
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.view(b, oh, ow, q).permute(0, 3, 1, 2)
-            y = torch.bmm(left, h.reshape(b, m, oh * ow))
-            if self.bias is not None:
-                y = y + self.bias[:, None]
-            return y.view(b, q, oh, ow)
+            return channel_matmul(left, self._conv(x, self.weight1, self.bias1),
+                                  None if self.bias is None else self.bias.view(1, q, 1, 1))
         bias = None
         if self.bias is not None or self.bias1 is not None:
             bias = torch.cat([self.bias if self.bias is not None else self.weight.new_zeros(q),
                               self.bias1 if self.bias1 is not None else self.weight.new_zeros(m)])
         z = self._conv(x, torch.cat([self.weight, self.weight1]), bias)
-        b, _, oh, ow = z.shape
-        if is_channels_last(z):
-            rows = z.permute(0, 2, 3, 1).reshape(b, oh * ow, q + m)
-            y = torch.baddbmm(rows[..., :q], rows[..., q:], left.transpose(1, 2))
-            return y.view(b, oh, ow, q).permute(0, 3, 1, 2)
-        y = torch.baddbmm(z[:, :q].reshape(b, q, oh * ow), left, z[:, q:].reshape(b, m, oh * ow))
-        return y.view(b, q, oh, ow)
+        return channel_matmul(left, z[:, q:], z[:, :q])
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f', m={self.m}'

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import GATES, is_channels_last
+from ._common import GATES, channel_matmul
 from .mdconv import MDConv2d
 
 
@@ -44,12 +44,8 @@ class DCDConv2d(MDConv2d):
         return self._apply_coefficients(h, self.dynamic_coefficients(x))
 
     def _apply_coefficients(self, h: Tensor, phi: Tensor) -> Tensor:
-        """``Φ(x)·h`` for h (B, m, H, W); a channels-last h is mixed as (B, H·W, m) rows and stays so."""
-        b, m, hh, ww = h.shape
-        if is_channels_last(h):
-            rows = h.permute(0, 2, 3, 1).reshape(b, hh * ww, m)
-            return (rows @ phi.transpose(1, 2)).view(b, hh, ww, m).permute(0, 3, 1, 2)
-        return (phi @ h.reshape(b, m, hh * ww)).reshape(b, m, hh, ww)
+        """``Φ(x)·h`` for h (B, m, H, W), in h's layout."""
+        return channel_matmul(phi, h)
 
     def _left(self, phi: Tensor) -> Tensor:
         """``W2'·Φ(x)``, (B, q, m)."""
