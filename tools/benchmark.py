@@ -365,12 +365,14 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              'convs; all run in one process, timed round-robin (one call of each in turn; the smaller the batch, the '
              'more rounds: --repeats × largest batch / batch). Cells: median ms '
              '(min–max over the repeats), **the ratio of medians to static**, and in brackets the same ratio of the '
-             f"{'host' if cuda else 'process'} CPU time (less sensitive to other processes on the machine). Inference: eval mode, "
-             f'`torch.inference_mode()`, {precision}. Training step: forward + cross-entropy + backward + SGD '
-             'step, train mode; peak memory is the most bytes allocated and not yet freed during one step '
+             f"{'host' if cuda else 'process'} CPU time (less sensitive to other processes on the machine). "
+             f'Inference: eval mode, `torch.inference_mode()`, {precision}. Training step: forward + '
+             'cross-entropy + backward + SGD step, train mode; peak memory is the most bytes allocated and not '
+             'yet freed during one step '
              f"({'the CUDA caching allocator' if cuda else 'torch profiler allocator'} counter; parameters and the "
-             'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is `tools/peers.py`: the per-sample aggregated kernels '
-             'run as one grouped conv with groups=B, as public DYConv code does; "condconv timm" is '
+             'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is '
+             '`tools/peers.py`: the per-sample aggregated kernels run as one grouped conv with groups=B, as public '
+             'DYConv code does; "condconv timm" is '
              "`timm.layers.CondConv2d` behind CondConv's sigmoid routing (4 experts).", '']
     for r in results:
         lines += [f"## {r['model']} (select={r['select']}: {r['converted']} convs replaced; input "

@@ -11,8 +11,9 @@ same way, from the (q, m) matrix Σ dy·gᵀ (which is also W2's gradient) and C
 BN1(z), g, u and BN2(u) for backward and passes over the q output channels about five more times.
 
 * :func:`pointwise_expanding` -- a whole 1×1 layer on (B, C, H·W) views.  With at least twice as many outputs
-  as inputs (q ≥ 2p, e.g. inverted-residual expansions) BN0 folds too, from the p×p covariance of x: the output is one conv over [x; g] with the two folded
-  kernels side by side, and nothing of q channels is formed besides y and dy (saves [x; g] and W1·x).
+  as inputs (q ≥ 2p, e.g. inverted-residual expansions) BN0 folds too, from the p×p covariance of x: the output
+  is one conv over [x; g] with the two folded kernels side by side, and nothing of q channels is formed besides
+  y and dy (saves [x; g] and W1·x).
   Otherwise W0·x and W1·x run as two 1×1 convs (on CPU cheaper than slicing one product of q + m channels),
   their backward as one conv backward, the rest as batched matmuls with m = 20 on one side (saves x, W0·x and
   W1·x).
@@ -104,8 +105,9 @@ def _folded_bn_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n
     ``gram = Σ dy·gᵀ`` (q, m).
 
     With ``û = (u - mean2)·invstd2`` and ``k = mean(dy ⊙ û)``, BN's backward is
-    ``du = s2 ⊙ (dy - mean(dy) - û ⊙ k)``; then ``dg = W2ᵀ·du = (s2 ⊙ W2)ᵀ·dy + R·g + c`` and ``dW2 = du·gᵀ``
-    follows from Σ dy·gᵀ and Σ g·gᵀ.  Returns ``(dW2, dγ2, R, c)``; ``R`` (m, m) and ``c`` (m) complete dg."""
+    ``du = s2 ⊙ (dy - mean(dy) - û ⊙ k)``; then ``dg = W2ᵀ·du = (s2 ⊙ W2)ᵀ·dy + R·g + c`` and
+    ``dW2 = du·gᵀ`` follows from Σ dy·gᵀ and Σ g·gᵀ.  Returns ``(dW2, dγ2, R, c)``; ``R`` (m, m) and ``c`` (m)
+    complete dg."""
     mean_g, cov_g, mean2, invstd2 = saved
     scale2 = gamma2 * invstd2
     dgamma2 = invstd2 * ((w2 * gram).sum(1) - mean2 * sum_dy)                   # Σ dy ⊙ û

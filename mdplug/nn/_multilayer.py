@@ -268,8 +268,8 @@ class MultiLayerConv(ConvBase):
         batch size)."""
         return not tracing_for_export() and x.shape[0] == 1
 
-    def _per_sample_weight(self, x: Tensor) -> float:
-        if not self.per_sample_conv_is_batch_agnostic() or self._one_sample(x):
+    def _per_sample_weight(self, x: Tensor, tracing: bool) -> float:
+        if not self.per_sample_conv_is_batch_agnostic() or (not tracing and x.shape[0] == 1):
             return 1.0
         return self.per_sample_mac_weight
 
@@ -283,9 +283,9 @@ class MultiLayerConv(ConvBase):
         """
         if self.path != 'auto':
             return self.path
-        weight = self._per_sample_weight(x) if per_sample_weight is None else per_sample_weight
-        key = (x.shape[-2], x.shape[-1], weight)
         tracing = tracing_for_export()  # (symbolic sizes are not remembered)
+        weight = self._per_sample_weight(x, tracing) if per_sample_weight is None else per_sample_weight
+        key = (x.shape[-2], x.shape[-1], weight)
         memo = {} if tracing else self.__dict__.setdefault('_path_memo', {})
         path = memo.get(key)
         if path is None:
