@@ -30,6 +30,30 @@ def converted(kind: str, **kwargs) -> nn.Module:
     return randomize_bn(convert(small_net(), kind=kind, select='all', **kwargs)).eval()
 
 
+class _Probe(nn.Module):
+    """Records, at each forward, what mdplug's and torch's ONNX-export checks answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        from mdplug.nn._common import _in_onnx_export
+        self.seen.append((_in_onnx_export(), torch.onnx.is_in_onnx_export()))
+        return x + 1
+
+
+def test_onnx_export_state_is_read_like_torch_reads_it(tmp_path):
+    """The layers' cheap ONNX-export check agrees with ``torch.onnx.is_in_onnx_export`` outside and during an
+    export (the TorchScript-based exporter mdplug.export uses)."""
+    probe = _Probe()
+    probe(torch.zeros(1))
+    torch.onnx.export(probe, (torch.zeros(1),), str(tmp_path / 'p.onnx'), dynamo=False)
+    probe(torch.zeros(1))
+    assert probe.seen[0] == (False, False) and probe.seen[-1] == (False, False)
+    assert (True, True) in probe.seen[1:-1], probe.seen
+
+
 @pytest.mark.parametrize('kind', ['mdconv', 'maconv', 'dyconv', 'dcd', 'se'])
 def test_onnx_round_trip_at_several_batch_sizes(kind, tmp_path):
     """One ONNX file (exported at batch 2) matches PyTorch at batch 1, 3 and 16."""

@@ -355,3 +355,57 @@ def test_every_compact_path_counts_its_macs(p, q):
     for (batch, path), macs in want.items():
         layer.path = path
         assert count_macs(layer, (p, 6, 6), batch=batch) == attention + macs, (batch, path)
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
+def test_one_sample_matrices_follow_the_parameters(cls):
+    """The batch-1 path's remembered parameter views never go stale: after ``.data`` is replaced, a parameter
+    is swapped for a new one, weights are loaded in place, or the layer changes dtype, its output is the batched
+    path's (which reads the parameters afresh) on the same sample."""
+    layer = _compact(cls(6, 10, 1, m=5))
+    x = torch.randn(1, 6, 7, 7)
+
+    def agrees() -> bool:
+        with torch.inference_mode():
+            one = layer(x)
+            two = layer(torch.cat([x, x]))
+        return one.dtype == x.dtype and rel_err(one, two[:1]) < 1e-5
+
+    assert agrees()
+    assert '_matrices_cache' in layer.__dict__
+    layer.weight.data = torch.randn_like(layer.weight)
+    assert agrees()
+    layer.weight1 = nn.Parameter(torch.randn_like(layer.weight1))
+    assert agrees()
+    other = _compact(cls(6, 10, 1, m=5))
+    layer.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(layer(x), other(x))
+    layer.double()
+    x = x.double()
+    assert '_matrices_cache' not in layer.__dict__ and agrees()
+    assert '_matrices_cache' not in copy.deepcopy(layer).__dict__
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
+def test_one_sample_path_respects_hooks_and_swapped_linears(cls):
+    """The batch-1 path skips the attention network's module calls only where nothing could tell: hooks on the
+    attention network or its linears still fire, and a dynamically quantized network (its nn.Linear swapped for
+    quantized ones) is called as such."""
+    layer = _compact(cls(8, 12, 1, m=5))
+    x = torch.randn(1, 8, 5, 5)
+    calls = []
+    with torch.inference_mode():
+        want = layer(x)
+        for mod in (layer.attention, layer.attention.fc1, layer.attention.fc2):
+            handle = mod.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+            assert torch.equal(layer(x), want)
+            handle.remove()
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append('global'))
+        layer(x)
+        handle.remove()
+    assert calls[:3] == ['Attention', 'Linear', 'Linear'] and 'global' in calls[3:], calls
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(layer), {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.attention.fc1) is not nn.Linear
+    with torch.inference_mode():
+        assert rel_err(quantized(x), want) < 0.05

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from .. import fusion
 from . import _fused
-from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
-                      is_channels_last, kaiming_conv_init_, tracing_for_export)
+from ._common import (NORMS, PATHS, Attention, ConvBase, _check_choice, _copy_param, calls_forward, channel_matmul,
+                      conv_bias_init_, is_channels_last, kaiming_conv_init_, member, no_global_module_hooks,
+                      tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -262,28 +263,25 @@ class MultiLayerConv(ConvBase):
     #: decide as they are (resnet18 at batch 8: no gain from weighting).
     per_sample_mac_weight: float = 8.0
 
-    @staticmethod
-    def _one_sample(x: Tensor) -> bool:
-        """``x`` holds one sample and no export/compile trace is running (a traced graph must not depend on the
-        batch size)."""
-        return not tracing_for_export() and x.shape[0] == 1
-
     def _per_sample_weight(self, x: Tensor, tracing: bool) -> float:
         if not self.per_sample_conv_is_batch_agnostic() or (not tracing and x.shape[0] == 1):
             return 1.0
         return self.per_sample_mac_weight
 
-    def choose_path(self, x: Tensor, per_sample_weight: Optional[float] = None) -> str:
+    def choose_path(self, x: Tensor, per_sample_weight: Optional[float] = None,
+                    tracing: Optional[bool] = None) -> str:
         """``'weight'`` or ``'factorized'`` for this input, by multiply-accumulate count (issue: core, 4).
 
         Per-sample weight generation costs q·m·p·k² per sample; the factorized form costs (m·p·k² + q·m)·H'·W'
         per sample on top of the static conv both share.  At batch 1 the MACs decide; above it a 1×1 layer's
         per-sample MACs count :attr:`per_sample_mac_weight` times (see there; ``per_sample_weight`` overrides).
         The answer depends only on the input's spatial size and that weight, so it is remembered per pair.
+        ``tracing``: :func:`~mdplug.nn._common.tracing_for_export` if the caller has it already.
         """
         if self.path != 'auto':
             return self.path
-        tracing = tracing_for_export()  # (symbolic sizes are not remembered)
+        if tracing is None:
+            tracing = tracing_for_export()  # (symbolic sizes are not remembered)
         weight = self._per_sample_weight(x, tracing) if per_sample_weight is None else per_sample_weight
         key = (x.shape[-2], x.shape[-1], weight)
         memo = {} if tracing else self.__dict__.setdefault('_path_memo', {})
@@ -303,14 +301,30 @@ class MultiLayerConv(ConvBase):
         kk = self.kernel_size[0] * self.kernel_size[1]
         return q * m * p * kk, (m * p * kk + q * m) * out_pixels
 
-    def compact_path(self, x: Tensor) -> str:
+    def compact_path(self, x: Tensor, tracing: Optional[bool] = None) -> str:
         """The path the compact forward takes: :meth:`choose_path`, except that while tracing for export a k×k
         ``'weight'`` path (a grouped conv with groups=B) becomes ``'factorized'``, so the graph keeps a dynamic
         batch axis.  Both compute the same function."""
-        path = self.choose_path(x)
-        if path == 'weight' and not self.per_sample_conv_is_batch_agnostic() and tracing_for_export():
+        if tracing is None:
+            tracing = tracing_for_export()
+        path = self.choose_path(x, tracing=tracing)
+        if path == 'weight' and tracing and not self.per_sample_conv_is_batch_agnostic():
             return 'factorized'
         return path
+
+    def _one_sample_coefficients(self, x: Tensor) -> Tensor:
+        """The attention output for the batch-1 path (untraced): :meth:`Attention.coefficients` directly when
+        calling the attention network would run exactly its forward (:func:`calls_forward`; saves the module
+        call), else :meth:`dynamic_coefficients`."""
+        att = member(self, 'attention')
+        if calls_forward(att, Attention) and no_global_module_hooks():
+            return att.coefficients(x, False)
+        return self.dynamic_coefficients(x)
+
+    def _runs_one_sample(self, x: Tensor, tracing: bool) -> bool:
+        """Whether the compact forward takes :meth:`_one_sample_pointwise`: a 1×1 layer, one sample, and no
+        export/compile trace running (a traced graph must not depend on the batch size)."""
+        return not tracing and x.shape[0] == 1 and self.per_sample_conv_is_batch_agnostic()
 
     def _dynamic_kernel_bias(self, left: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6: ``W(x) = left·W1' + W0'`` from ``left = W2'·A(x)`` (B, q, m), one batched matmul-add,
@@ -329,46 +343,89 @@ class MultiLayerConv(ConvBase):
             return dynamic
         return self.bias.unsqueeze(0) if dynamic is None else dynamic + self.bias
 
-    def _one_sample_pointwise(self, x: Tensor, left: Tensor, path: str) -> Tensor:
+    def _matrices(self) -> Tuple[Optional[Tensor], ...]:
+        """The compact parameters of a 1×1 layer as the matrices the batch-1 path multiplies: W0' (q, p),
+        b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent.
+
+        Views, made once and reused while grad mode is off and the parameters keep their memory (making the five
+        views at every call cost about 1 % of mobilenetv2_100's batch-1 forward).  With grad mode on they are made
+        at every call, so gradients reach the parameters.  ``_apply`` (``.to()``, ``.half()``) and
+        pickling/deepcopy drop them.
+        """
+        tensors = (member(self, 'weight'), member(self, 'bias'), member(self, 'weight1'), member(self, 'bias1'),
+                   member(self, 'weight2'))
+        grad = torch.is_grad_enabled()
+        if not grad:
+            # (same memory, same views: a replaced parameter or ``.data`` has new memory while the views hold
+            # the old one)
+            key = tuple([0 if t is None else t.data_ptr() for t in tensors])
+            cached = self.__dict__.get('_matrices_cache')
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        q, p, m = self.out_channels, self.in_channels, self.m
+        shapes = ((q, p), (q, 1), (m, p), (m, 1), (q, m))
+        views = tuple(None if t is None else t.view(shape) for t, shape in zip(tensors, shapes))
+        if not grad:
+            self.__dict__['_matrices_cache'] = (key, views)
+        return views
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop('_matrices_cache', None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop('_matrices_cache', None)
+        return state
+
+    def _left_one(self, w2: Tensor, coeff: Tensor) -> Tensor:  # pragma: no cover - overridden
+        """``W2'·A(x)`` (or ``W2'·Φ(x)``) for one sample, (q, m), from the (q, m) matrix ``w2``."""
+        raise NotImplementedError
+
+    def _one_sample_pointwise(self, x: Tensor, coeff: Tensor) -> Tensor:
         """One sample through a 1×1 layer as two or three plain matmuls on its (p, H·W) view, either path::
 
             'weight':      y = (W0' + left·W1')·x + (b' + left·b1')       (Eq. 6–7 for this sample)
             'factorized':  y = W0'·x + b' + left·(W1'·x + b1')
 
-        with ``left = W2'·A(x)`` (MDConv) or ``W2'·Φ(x)`` (DCD), (1, q, m).  At batch 1 this is the cheapest
-        execution of the compact form: no batch dimension, no kernel broadcast over a batch, biases added by the
-        matmuls themselves (mobilenetv2_100 at batch 1 measured 5 % faster than the batched code on one sample).
-        A channels-last ``x`` runs the same products transposed on its (H·W, p) rows (a view, no copy), each
-        output pixel a row of q values, and the result is channels-last.
+        with ``left = W2'·A(x)`` (MDConv) or ``W2'·Φ(x)`` (DCD), (q, m), from the coefficients ``coeff`` of the
+        sample; the path is :meth:`choose_path`'s for one sample (the MACs decide).  At batch 1 this is the
+        cheapest execution of the compact form: no batch dimension, no kernel broadcast over a batch, biases added
+        by the matmuls themselves (mobilenetv2_100 at batch 1 measured 5 % faster than the batched code on one
+        sample).  A channels-last ``x`` runs the same products transposed on its (H·W, p) rows (a view, no
+        copy), each output pixel a row of q values, and the result is channels-last.  Called only outside
+        export/compile traces (:meth:`_runs_one_sample`).
         """
         nhwc = is_channels_last(x)
-        x = self._pointwise_input(x)
+        path = self.choose_path(x, 1.0, tracing=False)
+        if self.stride != (1, 1):
+            x = self._pointwise_input(x)
         _, p, h, w = x.shape
-        q, m = self.out_channels, self.m
-        data = x.permute(0, 2, 3, 1).reshape(h * w, p) if nhwc else x.reshape(p, h * w)
-        left = left.reshape(q, m)
-        w1 = self.weight1.reshape(m, p)
-        w0 = None if self.weight is None else self.weight.reshape(q, p)
-
-        def apply(mat: Tensor, d: Tensor, add: Optional[Tensor] = None) -> Tensor:
-            """``mat·d + add`` in the data's orientation; ``add`` a per-channel vector or a full product."""
-            if nhwc:
-                return torch.mm(d, mat.t()) if add is None else torch.addmm(add, d, mat.t())
-            if add is not None and add.dim() == 1:
-                add = add.unsqueeze(1)
-            return torch.mm(mat, d) if add is None else torch.addmm(add, mat, d)
-
+        w0, b0, w1, b1, w2 = self._matrices()
+        left = self._left_one(w2, coeff)
         # (only mm/addmm, out of place: the products torch's FlopCounterMode counts, so mdplug.profile stays exact)
         if path == 'weight':
             kernel = torch.mm(left, w1) if w0 is None else torch.addmm(w0, left, w1)
-            bias = self.bias
-            if self.bias1 is not None:
-                b1 = self.bias1.unsqueeze(1)
-                bias = (torch.mm(left, b1) if bias is None else torch.addmm(bias.unsqueeze(1), left, b1)).view(q)
-            y = apply(kernel, data, bias)
+            bias = b0 if b1 is None else (torch.mm(left, b1) if b0 is None else torch.addmm(b0, left, b1))
+            if nhwc:
+                data = x.permute(0, 2, 3, 1).reshape(h * w, p)
+                y = torch.mm(data, kernel.t()) if bias is None else torch.addmm(bias.t(), data, kernel.t())
+            else:
+                data = x.reshape(p, h * w)
+                y = torch.mm(kernel, data) if bias is None else torch.addmm(bias, kernel, data)
+        elif nhwc:  # every product transposed: rows (H·W, ·)
+            data = x.permute(0, 2, 3, 1).reshape(h * w, p)
+            inner = torch.mm(data, w1.t()) if b1 is None else torch.addmm(b1.t(), data, w1.t())
+            base = b0 if w0 is None else (torch.mm(data, w0.t()) if b0 is None else
+                                          torch.addmm(b0.t(), data, w0.t()))
+            y = torch.mm(inner, left.t()) if base is None else torch.addmm(
+                base if w0 is not None else base.t(), inner, left.t())
         else:
-            inner = apply(w1, data, self.bias1)
-            y = apply(left, inner, self.bias if w0 is None else apply(w0, data, self.bias))
+            data = x.reshape(p, h * w)
+            inner = torch.mm(w1, data) if b1 is None else torch.addmm(b1, w1, data)
+            base = b0 if w0 is None else (torch.mm(w0, data) if b0 is None else torch.addmm(b0, w0, data))
+            y = torch.mm(left, inner) if base is None else torch.addmm(base, left, inner)
+        q = self.out_channels
         return y.view(1, h, w, q).permute(0, 3, 1, 2) if nhwc else y.view(1, q, h, w)
 
     def _stacks_input(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice
+from ._common import Attention, _check_choice, member, tracing_for_export
 from ._multilayer import MultiLayerConv
 
 
@@ -61,7 +61,7 @@ class MDConv2d(MultiLayerConv):
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
         """The diagonal of A(x), (B, m) (Eq. 1–2)."""
-        return self.attention(x)
+        return member(self, 'attention')(x)
 
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
         return self._apply_coefficients(h, self.dynamic_coefficients(x))
@@ -81,11 +81,11 @@ class MDConv2d(MultiLayerConv):
         return self._kernel_bias(self.folded_branches(), self.dynamic_coefficients(x))
 
     def forward_compact(self, x: Tensor) -> Tensor:
+        tracing = tracing_for_export()
+        if self._runs_one_sample(x, tracing):
+            return self._one_sample_pointwise(x, self._one_sample_coefficients(x))
         coeff = self.dynamic_coefficients(x)
-        if self.per_sample_conv_is_batch_agnostic() and self._one_sample(x):
-            # nothing is being traced here, so the MACs of one sample decide the path
-            return self._one_sample_pointwise(x, self._left(coeff), self.choose_path(x, 1.0))
-        path = self.compact_path(x)
+        path = self.compact_path(x, tracing)
         if path == 'weight':
             weight, bias = self._compact_kernel_bias(coeff)
             return self.per_sample_conv(x, weight, bias)
@@ -95,7 +95,10 @@ class MDConv2d(MultiLayerConv):
 
     def _left(self, coeff: Tensor) -> Tensor:
         """``W2'·A(x)``, (B, q, m): A scales the columns of W2' by broadcasting."""
-        return self.weight2.reshape(self.out_channels, self.m) * coeff.unsqueeze(1)
+        return member(self, 'weight2').reshape(self.out_channels, self.m) * coeff.unsqueeze(1)
+
+    def _left_one(self, w2: Tensor, coeff: Tensor) -> Tensor:
+        return w2 * coeff  # (q, m) · (1, m): A scales the columns of W2'
 
     def _left_and_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and the bias of Eq. 7,
