@@ -413,13 +413,14 @@ class MultiLayerConv(ConvBase):
             else:
                 data = x.reshape(p, h * w)
                 y = torch.mm(kernel, data) if bias is None else torch.addmm(bias, kernel, data)
-        elif nhwc:  # every product transposed: rows (H·W, ·)
+        elif nhwc:  # every product transposed: rows (H·W, ·), biases as (1, ·) rows
             data = x.permute(0, 2, 3, 1).reshape(h * w, p)
             inner = torch.mm(data, w1.t()) if b1 is None else torch.addmm(b1.t(), data, w1.t())
-            base = b0 if w0 is None else (torch.mm(data, w0.t()) if b0 is None else
-                                          torch.addmm(b0.t(), data, w0.t()))
-            y = torch.mm(inner, left.t()) if base is None else torch.addmm(
-                base if w0 is not None else base.t(), inner, left.t())
+            if w0 is None:
+                base = None if b0 is None else b0.t()
+            else:
+                base = torch.mm(data, w0.t()) if b0 is None else torch.addmm(b0.t(), data, w0.t())
+            y = torch.mm(inner, left.t()) if base is None else torch.addmm(base, inner, left.t())
         else:
             data = x.reshape(p, h * w)
             inner = torch.mm(w1, data) if b1 is None else torch.addmm(b1, w1, data)
