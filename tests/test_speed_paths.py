@@ -409,3 +409,18 @@ def test_one_sample_path_respects_hooks_and_swapped_linears(cls):
     assert type(quantized.attention.fc1) is not nn.Linear
     with torch.inference_mode():
         assert rel_err(quantized(x), want) < 0.05
+
+
+def test_one_sample_path_under_fake_tensors():
+    """Under FakeTensorMode (memory estimates, tracing tools) the batch-1 path runs without reading data
+    pointers and remembers nothing, and the MAC count still sees its products."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mdplug.profile import count_macs
+    layer = _compact(MDConv2d(8, 12, 1, m=5))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(1, 8, 5, 5))
+        with torch.inference_mode():
+            y = layer(x)
+    assert y.shape == (1, 12, 5, 5) and '_matrices_cache' not in layer.__dict__
+    assert count_macs(layer, (8, 5, 5)) > 12 * 8 * 25

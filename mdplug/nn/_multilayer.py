@@ -348,14 +348,15 @@ class MultiLayerConv(ConvBase):
         b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent.
 
         Views, made once and reused while grad mode is off and the parameters keep their memory (making the five
-        views at every call cost about 1 % of mobilenetv2_100's batch-1 forward).  With grad mode on they are made
-        at every call, so gradients reach the parameters.  ``_apply`` (``.to()``, ``.half()``) and
-        pickling/deepcopy drop them.
+        views at every call cost about 1 % of mobilenetv2_100's batch-1 forward).  With grad mode on (gradients
+        must reach the parameters) or a dispatch mode active (fake tensors) they are made at every call.
+        ``_apply`` (``.to()``, ``.half()``) and pickling/deepcopy drop them.
         """
         tensors = (member(self, 'weight'), member(self, 'bias'), member(self, 'weight1'), member(self, 'bias1'),
                    member(self, 'weight2'))
-        grad = torch.is_grad_enabled()
-        if not grad:
+        # (not under a dispatch mode either: fake tensors have no memory to compare, FlopCounterMode needs none)
+        remember = not torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
+        if remember:
             # (same memory, same views: a replaced parameter or ``.data`` has new memory while the views hold
             # the old one)
             key = tuple([0 if t is None else t.data_ptr() for t in tensors])
@@ -365,7 +366,7 @@ class MultiLayerConv(ConvBase):
         q, p, m = self.out_channels, self.in_channels, self.m
         shapes = ((q, p), (q, 1), (m, p), (m, 1), (q, m))
         views = tuple(None if t is None else t.view(shape) for t, shape in zip(tensors, shapes))
-        if not grad:
+        if remember:
             self.__dict__['_matrices_cache'] = (key, views)
         return views
 
