@@ -387,6 +387,7 @@ def test_one_sample_matrices_follow_the_parameters(cls):
     assert '_matrices_cache' not in copy.deepcopy(layer).__dict__
 
 
+@pytest.mark.filterwarnings('ignore:torch.quantize_per_tensor')  # (torch deprecates its quantized tensors)
 @pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
 def test_one_sample_path_respects_hooks_and_swapped_linears(cls):
     """The batch-1 path skips the attention network's module calls only where nothing could tell: hooks on the
