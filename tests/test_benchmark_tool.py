@@ -52,6 +52,25 @@ def test_channels_last_run_says_so_in_report_and_json(tmp_path):
     assert json.loads(raw.read_text())['info']['channels_last'] is True
 
 
+def test_torchcompile_run_compiles_every_model_and_says_so(tmp_path):
+    """``--torchcompile BACKEND`` (timm's flag): the models run through torch.compile (here its 'eager' backend,
+    Dynamo without code generation, to keep the test short), the warm-up calls compile even when --warmup 0 was
+    asked, and the report and JSON say so."""
+    out, raw = tmp_path / 'tc.md', tmp_path / 'tc.json'
+    proc = run('--model', 'mobilenetv2_100', '--size', '32', '--batch', '1', '--train-batch', '2',
+               '--variants', 'static', 'mdconv compact (auto)', '--train-variants', 'mdconv expanding',
+               '--warmup', '0', '--repeats', '1', '--train-warmup', '0', '--train-repeats', '1', '--threads', '1',
+               '--torchcompile', 'eager', '--out', str(out), '--plot', '', '--json', str(raw))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith('# Benchmarks, torch.compile')
+    assert 'every model `torch.compile`d (backend eager)' in text and 'this run is compiled' in text
+    data = json.loads(raw.read_text())
+    assert data['info']['torchcompile'] == 'eager'
+    assert data['results'][0]['infer']['1']['mdconv compact (auto)']['n'] == 1
+    assert data['results'][0]['train']['2']['mdconv expanding']['n'] == 1
+
+
 def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
     import torch
     if not torch.cuda.is_available():
@@ -59,6 +78,9 @@ def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
         assert proc.returncode == 2 and '--device cuda' in proc.stderr and 'no CUDA device' in proc.stderr
     proc = run('--dtype', 'float16', '--out', str(tmp_path / 'b.md'))
     assert proc.returncode == 2 and '--dtype float16 needs --device cuda' in proc.stderr
+    proc = run('--variants', 'static', 'mdconv compact', '--out', str(tmp_path / 'b.md'))
+    assert proc.returncode == 2 and "--variants: unknown 'mdconv compact'" in proc.stderr
+    assert 'mdconv compact (auto)' in proc.stderr  # the known names are listed
     assert not (tmp_path / 'b.md').exists()
 
 
