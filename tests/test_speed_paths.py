@@ -360,8 +360,9 @@ def test_every_compact_path_counts_its_macs(p, q):
 @pytest.mark.parametrize('cls', [MDConv2d, DCDConv2d])
 def test_one_sample_matrices_follow_the_parameters(cls):
     """The batch-1 path's remembered parameter views never go stale: after ``.data`` is replaced, a parameter
-    is swapped for a new one, weights are loaded in place, or the layer changes dtype, its output is the batched
-    path's (which reads the parameters afresh) on the same sample."""
+    is swapped for a new one, ``torch.func.functional_call`` lends other parameters for a call, weights are
+    loaded in place, or the layer changes dtype, its output is the batched path's (which reads the parameters
+    afresh) on the same sample."""
     layer = _compact(cls(6, 10, 1, m=5))
     x = torch.randn(1, 6, 7, 7)
 
@@ -378,9 +379,28 @@ def test_one_sample_matrices_follow_the_parameters(cls):
     layer.weight1 = nn.Parameter(torch.randn_like(layer.weight1))
     assert agrees()
     other = _compact(cls(6, 10, 1, m=5))
+    with torch.inference_mode():  # torch.func swaps the parameters for one call
+        assert torch.equal(torch.func.functional_call(layer, dict(other.named_parameters()), (x,)), other(x))
+    assert agrees()
     layer.load_state_dict(other.state_dict())
     with torch.inference_mode():
         assert torch.equal(layer(x), other(x))
+    class Scale(nn.Module):  # a parametrization whose value changes without any parameter changing
+        factor = 1.0
+
+        def forward(self, w):
+            return w * self.factor
+
+    scale = Scale()
+    torch.nn.utils.parametrize.register_parametrization(layer, 'weight1', scale)
+    assert agrees()
+    with torch.inference_mode():
+        before = layer(x)
+    scale.factor = 3.0
+    assert agrees()
+    with torch.inference_mode():
+        assert not torch.allclose(layer(x), before)
+    torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight1')
     layer.double()
     x = x.double()
     assert '_matrices_cache' not in layer.__dict__ and agrees()
