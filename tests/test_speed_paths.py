@@ -265,18 +265,19 @@ def test_fused_training_tail_equals_autograd(cls, kwargs, k, s, p, q):
 
 @pytest.mark.parametrize('cls', [MDConv2d, MAConv2d])
 @pytest.mark.parametrize('momentum', [0.1, None])
-@pytest.mark.parametrize('k,p,q', [(1, 12, 7), (1, 5, 12), (3, 12, 7)])
-def test_fused_training_paths_are_exact_in_float64(cls, momentum, k, p, q):
+@pytest.mark.parametrize('k,p,q,s', [(1, 12, 7, 1), (1, 5, 12, 1), (1, 5, 12, 2), (3, 12, 7, 1), (3, 12, 7, 2)])
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_fused_training_paths_are_exact_in_float64(cls, momentum, k, p, q, s, fmt):
     """The fused training paths derive BN2's statistics and backward from the m×m covariance instead of running
-    a BatchNorm: in float64 they must agree with plain autograd to rounding, for a channels_last input too and
-    with a cumulative-average BN (momentum=None)."""
+    a BatchNorm: in float64 they must agree with plain autograd to rounding, in NCHW and channels-last (which
+    they compute in, keeping the layout), strided, and with a cumulative-average BN (momentum=None)."""
     torch.manual_seed(1)
-    fused = randomize_bn(cls(p, q, k, padding=k // 2, m=4)).double().train()
+    fused = randomize_bn(cls(p, q, k, s, padding=k // 2, m=4)).double().train()
     for bn in (fused.expand_bn, fused.project_bn):
         bn.momentum = momentum
     plain = copy.deepcopy(fused)
     plain.fuse_training_tail = False
-    x = torch.randn(3, p, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x = torch.randn(3, p, 5, 6, dtype=torch.float64).to(memory_format=fmt)
     xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     for _ in range(3):
         yf, yp = fused(xf), plain(xp)
@@ -285,7 +286,8 @@ def test_fused_training_paths_are_exact_in_float64(cls, momentum, k, p, q):
         yf.backward(g)
         yp.backward(g)
     assert (xf.grad - xp.grad).abs().max() < 1e-12
-    assert all(map(_is_nhwc, (yf, xf.grad, yp, xp.grad)))  # the layouts plain autograd (and nn.Conv2d) give
+    for t in (yf, xf.grad, yp, xp.grad):  # the layouts plain autograd (and nn.Conv2d) give
+        assert _is_nhwc(t) if fmt == torch.channels_last else t.is_contiguous()
     for (name, pf), pp in zip(fused.named_parameters(), plain.parameters()):
         assert (pf.grad - pp.grad).abs().max() < 1e-11 * max(1.0, pp.grad.abs().max().item()), name
     for (name, bf), bp in zip(fused.named_buffers(), plain.buffers()):

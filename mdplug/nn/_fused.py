@@ -10,7 +10,11 @@ into the rows of W2, and the output is one batched matmul-add onto BN1's q chann
 same way, from the (q, m) matrix Σ dy·gᵀ (which is also W2's gradient) and Cov(g).  Plain autograd keeps
 BN1(z), g, u and BN2(u) for backward and passes over the q output channels about five more times.
 
-* :func:`pointwise_expanding` -- a whole 1×1 layer on (B, C, H·W) views.  With at least twice as many outputs
+Both work in the input's layout, NCHW or channels-last, and keep it (output and input gradient): the channel
+algebra runs as batched matmuls on (B, C, H·W) views of NCHW tensors and as one matmul over the (B·H·W, C) rows
+of channels-last ones; convs and BatchNorm kernels take either layout.
+
+* :func:`pointwise_expanding` -- a whole 1×1 layer.  With at least twice as many outputs
   as inputs (q ≥ 2p, e.g. inverted-residual expansions) BN0 folds too, from the p×p covariance of x: the output
   is one conv over [x; g] with the two folded kernels side by side, and nothing of q channels is formed besides
   y and dy (saves [x; g] and W1·x).
@@ -27,29 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-
-class _NCHW(torch.autograd.Function):
-    """A channels-last ``x`` as an NCHW-contiguous copy whose gradient goes back channels-last.
-
-    The fused functions compute on (B, C, H·W) views of NCHW tensors.  A channels-last layer input is copied
-    once on the way in (and the output once on the way out, by the caller), and the gradient of the input, which
-    collects the attention's and the layer's parts in NCHW, is handed back in the input's layout: a gradient in
-    the other layout than its tensor would send the producer's BatchNorm backward down its slow mixed-layout path
-    (measured on mobilenetv2_100: a channels-last training step 1.6× slower).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous(memory_format=torch.channels_last)
-
-
-def to_nchw(x: Tensor) -> Tensor:
-    """:class:`_NCHW` applied to ``x``."""
-    return _NCHW.apply(x)
+from ._common import is_channels_last
 
 
 def _bn_factor(bn: nn.BatchNorm2d) -> float:
@@ -63,9 +45,52 @@ def _bn_factor(bn: nn.BatchNorm2d) -> float:
 
 def _check_batch(shape) -> None:
     """The check ``F.batch_norm`` makes in train mode (these functions call the kernels directly), for a
-    (B, C, N) view."""
-    if shape[0] * shape[2] == 1:
+    (B, C, H, W) tensor."""
+    if shape[0] * shape[2] * shape[3] == 1:
         raise ValueError(f'Expected more than 1 value per channel when training, got input size {tuple(shape)}')
+
+
+# -- channel algebra on (B, C, H, W) tensors of either layout -----------------------------------------------------
+# NCHW: on (B, C, H·W) views, batched matmuls; channels-last: on the (B·H·W, C) rows, one matmul for the whole
+# batch.  Either way nothing is copied to change layout, and results keep the layout.
+def _rows(t: Tensor) -> Tensor:
+    """The (B·H·W, C) rows of a channels-last tensor (or a channel slice of one): a view."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ over samples and pixels of a·bᵀ``, (Ca, Cb), for a (B, Ca, H, W) and b (B, Cb, H, W) of one layout."""
+    if is_channels_last(a):
+        return _rows(a).t() @ _rows(b)
+    return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)).sum(0)
+
+
+def _mix_shared(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tensor:
+    """``mat·t + add`` at every pixel, ``mat`` (Co, Ci) shared by all samples, t (B, Ci, H, W), ``add`` (B, Co, H,
+    W) of t's layout or None; the result has t's layout."""
+    b, _, h, w = t.shape
+    co = mat.shape[0]
+    if is_channels_last(t):
+        y = _rows(t) @ mat.t() if add is None else torch.addmm(_rows(add), _rows(t), mat.t())
+        return y.view(b, h, w, co).permute(0, 3, 1, 2)
+    flat = t.flatten(2)
+    y = torch.matmul(mat, flat) if add is None else torch.baddbmm(add.flatten(2), mat.expand(b, -1, -1), flat)
+    return y.view(b, co, h, w)
+
+
+def _mix_shared_(y: Tensor, mat: Tensor, t: Tensor) -> Tensor:
+    """``y += mat·t`` at every pixel, in place on ``y``, which must be contiguous in t's layout (``view`` refuses
+    anything else rather than writing into a copy)."""
+    b, c, h, w = y.shape
+    if is_channels_last(t):
+        y.permute(0, 2, 3, 1).view(b * h * w, c).addmm_(_rows(t), mat.t())
+    else:
+        y.view(b, c, h * w).baddbmm_(mat.expand(b, -1, -1), t.flatten(2))
+    return y
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def can_fuse(bn: nn.Module) -> bool:
@@ -78,17 +103,17 @@ DTYPES = (torch.float32, torch.float64)
 
 
 def _folded_bn_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tuple):
-    """Batch statistics of ``u = W·g`` from g (B, c, N) and the train-mode BN of u folded into W (BN2 with g, W2;
-    BN0 with x, W0).
+    """Batch statistics of ``u = W·g`` from g (B, c, H, W) and the train-mode BN of u folded into W (BN2 with g,
+    W2; BN0 with x, W0).
 
     Returns ``(w_scaled, shift, saved)``: ``BN(u) = w_scaled·g + shift``; ``saved`` is what
     :func:`_folded_bn_terms` needs.  Updates the running statistics as ``native_batch_norm`` would (unbiased
     variance)."""
     rm, rv, factor, eps = bn2
-    n = g.shape[0] * g.shape[2]
-    mean_g = g.sum((0, 2)) / n
-    centred = g - mean_g[:, None]
-    cov_g = torch.bmm(centred, centred.transpose(1, 2)).sum(0) / n              # (m, m), biased
+    n = g.shape[0] * g.shape[2] * g.shape[3]
+    mean_g = g.sum((0, 2, 3)) / n
+    centred = g - mean_g[:, None, None]
+    cov_g = _gram(centred, centred) / n                                            # (m, m), biased
     del centred
     mean2 = w2 @ mean_g
     var2 = ((w2 @ cov_g) * w2).sum(1)
@@ -124,56 +149,57 @@ def _folded_bn_terms(gram: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, n
 
 
 def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Tensor, saved):
-    """Gradients of ``BN2(W2·g)`` (train mode) for output gradient dy (B, q, N), u never formed
+    """Gradients of ``BN2(W2·g)`` (train mode) for output gradient dy (B, q, H, W), u never formed
     (:func:`_folded_bn_terms`).  Returns ``(dg, dW2, dγ2)``."""
-    batch = g.shape[0]
-    gram = torch.bmm(dy, g.transpose(1, 2)).sum(0)                              # Σ dy·gᵀ, (q, m)
-    dw2, dgamma2, r_mat, c_vec = _folded_bn_terms(gram, w2, gamma2, sum_dy, batch * g.shape[2], saved)
+    gram = _gram(dy, g)                                                             # Σ dy·gᵀ, (q, m)
+    n = g.shape[0] * g.shape[2] * g.shape[3]
+    dw2, dgamma2, r_mat, c_vec = _folded_bn_terms(gram, w2, gamma2, sum_dy, n, saved)
     invstd2 = saved[3]
-    dg = torch.baddbmm(c_vec[None, :, None], r_mat.expand(batch, -1, -1), g)
-    dg.baddbmm_((w2 * (gamma2 * invstd2)[:, None]).t().expand(batch, -1, -1), dy)
-    return dg, dw2, dgamma2
+    dg = _mix_shared(r_mat, g).add_(c_vec[:, None, None])
+    return _mix_shared_(dg, (w2 * (gamma2 * invstd2)[:, None]).t(), dy), dw2, dgamma2
 
 
 def _mix(h: Tensor, coeff: Optional[Tensor]) -> Tensor:
-    """``g = coeff ⊙ h`` for h (B, m, N) and coeff (B, m) or None (identity)."""
-    return h * coeff[:, :, None] if coeff is not None else h
+    """``g = coeff ⊙ h`` for h (B, m, H, W) and coeff (B, m) or None (identity)."""
+    return h * coeff[:, :, None, None] if coeff is not None else h
 
 
 def _mix_backward(dg: Tensor, h: Tensor, coeff: Optional[Tensor], need_dcoeff: bool):
     """Through ``g = coeff ⊙ h``: ``(dh, dcoeff)``."""
     if coeff is None:
         return dg, None
-    dcoeff = (dg * h).sum(2) if need_dcoeff else None
-    return dg * coeff[:, :, None], dcoeff
+    dcoeff = (dg * h).sum((2, 3)) if need_dcoeff else None
+    return dg * coeff[:, :, None, None], dcoeff
 
 
 def _bn_affine(z: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
-    """Recompute train-mode BN's output from its input and saved statistics, (B, C, N)."""
+    """Recompute train-mode BN's output from its input and saved statistics, (B, C, H, W)."""
     scale = gamma * invstd
-    return torch.addcmul((beta - mean * scale)[:, None], z, scale[:, None])
+    return torch.addcmul((beta - mean * scale)[:, None, None], z, scale[:, None, None])
 
 
 class _ExpandingTail(torch.autograd.Function):
-    """``BN2(W2·(a ⊙ BN1(z)[q:])) + BN1(z)[:q]`` for z (B, q + m, N), the shared conv's output."""
+    """``BN2(W2·(a ⊙ BN1(z)[q:])) + BN1(z)[:q]`` for z (B, q + m, H, W), the shared conv's output."""
 
     @staticmethod
     def forward(ctx, z: Tensor, coeff: Optional[Tensor], w2: Tensor, g1: Tensor, b1: Tensor, g2: Tensor,
                 b2: Tensor, q: int, bn1: tuple, bn2: tuple) -> Tensor:
         rm1, rv1, f1, eps1 = bn1
-        batch, m, n = z.shape[0], z.shape[1] - q, z.shape[2]
+        fmt = _layout(z)
+        batch, m, hh, ww = z.shape[0], z.shape[1] - q, z.shape[2], z.shape[3]
         zn, mean1, invstd1 = torch.native_batch_norm(z, g1, b1, rm1, rv1, True, f1, eps1)
         h = zn[:, q:]
-        g = torch.empty(batch, m + 1, n, dtype=z.dtype, device=z.device)      # [g; 1]: BN2's shift in the matmul
+        # [g; 1]: BN2's shift added by the matmul
+        g = torch.empty((batch, m + 1, hh, ww), dtype=z.dtype, device=z.device, memory_format=fmt)
         if coeff is not None:
-            torch.mul(h, coeff[:, :, None], out=g[:, :m])
+            torch.mul(h, coeff[:, :, None, None], out=g[:, :m])
         else:
             g[:, :m].copy_(h)
         g[:, m].fill_(1)
         w2s, shift, saved = _folded_bn_forward(g[:, :m], w2, g2, b2, bn2)
-        y = torch.baddbmm(zn[:, :q], torch.cat([w2s, shift[:, None]], 1).expand(batch, -1, -1), g)
+        y = _mix_shared(torch.cat([w2s, shift[:, None]], 1), g, add=zn[:, :q])
         ctx.save_for_backward(z, coeff, w2, g1, b1, g2, mean1, invstd1, *saved)
-        ctx.q, ctx.eps1 = q, eps1
+        ctx.q, ctx.eps1, ctx.fmt = q, eps1, fmt
         return y
 
     @staticmethod
@@ -181,10 +207,10 @@ class _ExpandingTail(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         z, coeff, w2, g1, b1, g2, mean1, invstd1, *saved = ctx.saved_tensors
         q = ctx.q
-        dy = dy.contiguous()
+        dy = dy.contiguous(memory_format=ctx.fmt)
         h = _bn_affine(z[:, q:], g1[q:], b1[q:], mean1[q:], invstd1[q:])
         g = _mix(h, coeff)
-        sum_dy = dy.sum((0, 2))
+        sum_dy = dy.sum((0, 2, 3))
         dg, dw2, dg2 = _bn2_backward(dy, g, w2, g2, sum_dy, saved)
         del g
         dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])
@@ -198,53 +224,51 @@ def expanding_tail(z: Tensor, coeff: Optional[Tensor], project: nn.Conv2d, bn1: 
                    bn2: nn.BatchNorm2d, q: int) -> Tensor:
     """``BN2(W2 · (coeff ⊙ BN1(z)[q:])) + BN1(z)[:q]`` in train mode, saving only z for backward.
 
-    ``z``: (B, q + m, H, W); ``coeff``: (B, m) or None (identity); returns (B, q, H, W).
+    ``z``: (B, q + m, H, W), NCHW or channels-last (the result and z's gradient keep its layout); ``coeff``:
+    (B, m) or None (identity); returns (B, q, H, W).
     """
-    b, c, hh, ww = z.shape
-    flat = z.reshape(b, c, hh * ww)
-    _check_batch(flat.shape)
+    z = z.contiguous(memory_format=_layout(z))
+    _check_batch(z.shape)
     s1 = (bn1.running_mean, bn1.running_var, _bn_factor(bn1), bn1.eps)
     s2 = (bn2.running_mean, bn2.running_var, _bn_factor(bn2), bn2.eps)
-    y = _ExpandingTail.apply(flat, coeff, project.weight.reshape(q, -1), bn1.weight, bn1.bias,
-                             bn2.weight, bn2.bias, q, s1, s2)
-    return y.view(b, q, hh, ww)
+    return _ExpandingTail.apply(z, coeff, project.weight.reshape(q, -1), bn1.weight, bn1.bias,
+                                bn2.weight, bn2.bias, q, s1, s2)
 
 
 # -- the whole 1×1 layer ------------------------------------------------------------------------------------------
 def _conv1x1(x: Tensor, w: Tensor) -> Tensor:
-    """``w·x`` for x (B, p, N) and w (q, p) as a 1×1 conv over an N×1 map: the library's conv kernels (oneDNN on
-    CPU, cuDNN) run this product over the whole batch faster than a batched matmul with a broadcast weight."""
-    return torch.nn.functional.conv2d(x.unsqueeze(-1), w[:, :, None, None]).squeeze(-1)
+    """``w·x`` for x (B, p, H, W) and w (q, p) as a 1×1 conv: the library's conv kernels (oneDNN on CPU, cuDNN)
+    run this product over the whole batch faster than a batched matmul with a broadcast weight; the result keeps
+    x's layout."""
+    return torch.nn.functional.conv2d(x, w[:, :, None, None])
 
 
 def _conv1x1_backward(dz: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool):
-    """Gradients of :func:`_conv1x1` for its output gradient dz (B, q, N): ``(wᵀ·dz, Σ dz·xᵀ)``, each None
+    """Gradients of :func:`_conv1x1` for its output gradient dz (B, q, H, W): ``(wᵀ·dz, Σ dz·xᵀ)``, each None
     when not needed."""
     if not (need_x or need_w):
         return None, None
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        dz.unsqueeze(-1), x.unsqueeze(-1), w[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [need_x, need_w, False])
-    return (dx.squeeze(-1) if need_x else None), (dw.flatten(1) if need_w else None)
+        dz, x, w[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+    return (dx if need_x else None), (dw.flatten(1) if need_w else None)
 
 
 class _PointwiseExpanding(torch.autograd.Function):
-    """``BN1(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, N); BN1 given as its q and m halves."""
+    """``BN1(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, H, W); BN1 given as its q and m halves."""
 
     @staticmethod
     def forward(ctx, x: Tensor, coeff: Optional[Tensor], w0: Tensor, w1: Tensor, w2: Tensor, g0: Tensor,
                 b0: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, bn0: tuple, bn1: tuple,
                 bn2: tuple) -> Tensor:
-        batch = x.shape[0]
         (rm0, rv0, f0, eps0), (rm1, rv1, f1, eps1) = bn0, bn1
         z0, z1 = _conv1x1(x, w0), _conv1x1(x, w1)
         y, mean0, invstd0 = torch.native_batch_norm(z0, g0, b0, rm0, rv0, True, f0, eps0)
         h, mean1, invstd1 = torch.native_batch_norm(z1, g1, b1, rm1, rv1, True, f1, eps1)
         g = _mix(h, coeff)
         w2s, shift, saved = _folded_bn_forward(g, w2, g2, b2, bn2)
-        y.add_(shift[:, None]).baddbmm_(w2s.expand(batch, -1, -1), g)
+        _mix_shared_(y.add_(shift[:, None, None]), w2s, g)
         ctx.save_for_backward(x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1, *saved)
-        ctx.eps = (eps0, eps1)
+        ctx.eps, ctx.fmt = (eps0, eps1), _layout(x)
         return y
 
     @staticmethod
@@ -252,7 +276,7 @@ class _PointwiseExpanding(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, coeff, w0, w1, w2, g0, g1, b1, g2, z0, z1, mean0, invstd0, mean1, invstd1, *saved = ctx.saved_tensors
         eps0, eps1 = ctx.eps
-        dy = dy.contiguous()
+        dy = dy.contiguous(memory_format=ctx.fmt)
         dz0, dg0, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, z0, g0, None, None, mean0, invstd0, True, eps0, [True, True, True])
         h = _bn_affine(z1, g1, b1, mean1, invstd1)
@@ -272,7 +296,7 @@ class _PointwiseExpanding(torch.autograd.Function):
 
 
 class _PointwiseFolded(torch.autograd.Function):
-    """``BN0(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, N) for q ≥ 2p, with BN0 folded like BN2.
+    """``BN0(W0·x) + BN2(W2·(a ⊙ BN1(W1·x)))`` on x (B, p, H, W) for q ≥ 2p, with BN0 folded like BN2.
 
     BN0 normalises ``W0·x``; its batch mean and variance are ``W0·mean(x)`` and ``diag(W0·Cov(x)·W0ᵀ)`` from the
     p×p covariance of x, just as BN2's come from g.  With both folded, the output is one conv over the stacked
@@ -295,11 +319,10 @@ class _PointwiseFolded(torch.autograd.Function):
         w2s, shift2, saved2 = _folded_bn_forward(g, w2, g2, b2, bn2)
         stacked_x = torch.cat([x, g], 1)
         stacked_w = torch.cat([w0s, w2s], 1)
-        y = torch.nn.functional.conv2d(stacked_x.unsqueeze(-1), stacked_w[:, :, None, None],
-                                       shift0 + shift2).squeeze(-1)
+        y = torch.nn.functional.conv2d(stacked_x, stacked_w[:, :, None, None], shift0 + shift2)
         ctx.save_for_backward(stacked_x, stacked_w, z1, coeff, w0, w1, w2, g0, g1, b1, g2, mean1, invstd1,
                               *saved0, *saved2)
-        ctx.eps1 = eps1
+        ctx.eps1, ctx.fmt = eps1, _layout(x)
         return y
 
     @staticmethod
@@ -308,14 +331,14 @@ class _PointwiseFolded(torch.autograd.Function):
         stacked_x, stacked_w, z1, coeff, w0, w1, w2, g0, g1, b1, g2, mean1, invstd1, *saved = ctx.saved_tensors
         saved0, saved2 = saved[:4], saved[4:]
         p = w0.shape[1]
-        batch, n = dy.shape[0], dy.shape[0] * dy.shape[2]
-        dy = dy.contiguous()
-        sum_dy = dy.sum((0, 2))
+        n = dy.shape[0] * dy.shape[2] * dy.shape[3]
+        dy = dy.contiguous(memory_format=ctx.fmt)
+        sum_dy = dy.sum((0, 2, 3))
         d_stacked, dw_stacked = _conv1x1_backward(dy, stacked_x, stacked_w, True, True)
         x, g = stacked_x[:, :p], stacked_x[:, p:]
         dw0, dg0, r0, c0 = _folded_bn_terms(dw_stacked[:, :p], w0, g0, sum_dy, n, saved0)
         dw2, dg2, r2, c2 = _folded_bn_terms(dw_stacked[:, p:], w2, g2, sum_dy, n, saved2)
-        dg = torch.baddbmm(d_stacked[:, p:], r2.expand(batch, -1, -1), g).add_(c2[:, None])
+        dg = _mix_shared(r2, g, add=d_stacked[:, p:]).add_(c2[:, None, None])
         h = _bn_affine(z1, g1, b1, mean1, invstd1)
         dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])
         del dg, h
@@ -325,7 +348,7 @@ class _PointwiseFolded(torch.autograd.Function):
         dx1, dw1 = _conv1x1_backward(dz1, x, w1, need_x, need_w1)
         dx = None
         if need_x:
-            dx = torch.baddbmm(d_stacked[:, :p], r0.expand(batch, -1, -1), x).add_(c0[:, None]).add_(dx1)
+            dx = _mix_shared(r0, x, add=d_stacked[:, :p]).add_(c0[:, None, None]).add_(dx1)
         if not ctx.needs_input_grad[2]:
             dw0 = None
         return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
@@ -335,14 +358,14 @@ def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, proj
                         bn1: nn.BatchNorm2d, bn2: nn.BatchNorm2d, q: int) -> Tensor:
     """The expanding form of a 1×1 layer in train mode: ``BN2(W2·(coeff ⊙ BN1(W1·x))) + BN1(W0·x)``.
 
-    ``x``: (B, p, H, W), already subsampled by the conv's stride; ``weight``: the shared (q + m, p, 1, 1) kernel
-    [W0; W1]; ``coeff``: (B, m) or None.  Returns (B, q, H, W).  Same output, gradients and running statistics
-    as the modules, in fewer passes (:class:`_PointwiseFolded` where q ≥ 2p, :class:`_PointwiseExpanding`
-    otherwise).
+    ``x``: (B, p, H, W), already subsampled by the conv's stride, NCHW or channels-last (the result and x's
+    gradient keep its layout); ``weight``: the shared (q + m, p, 1, 1) kernel [W0; W1]; ``coeff``: (B, m) or
+    None.  Returns (B, q, H, W).  Same output, gradients and running statistics as the modules, in fewer passes
+    (:class:`_PointwiseFolded` where q ≥ 2p, :class:`_PointwiseExpanding` otherwise).
     """
-    b, p, h, w = x.shape
-    flat = x.reshape(b, p, h * w)
-    _check_batch(flat.shape)
+    p = x.shape[1]
+    x = x.contiguous(memory_format=_layout(x))
+    _check_batch(x.shape)
     w2d = weight.reshape(weight.shape[0], p)
     f1, f2 = _bn_factor(bn1), _bn_factor(bn2)
 
@@ -351,8 +374,7 @@ def pointwise_expanding(x: Tensor, coeff: Optional[Tensor], weight: Tensor, proj
         return rm[lo:hi], rv[lo:hi], f1, bn1.eps
 
     fn = _PointwiseFolded if q >= 2 * p else _PointwiseExpanding
-    y = fn.apply(
-        flat, coeff, w2d[:q], w2d[q:], project.weight.reshape(q, -1), bn1.weight[:q], bn1.bias[:q],
+    return fn.apply(
+        x, coeff, w2d[:q], w2d[q:], project.weight.reshape(q, -1), bn1.weight[:q], bn1.bias[:q],
         bn1.weight[q:], bn1.bias[q:], bn2.weight, bn2.bias, stats(0, q), stats(q, None),
         (bn2.running_mean, bn2.running_var, f2, bn2.eps))
-    return y.view(b, q, h, w)

@@ -220,18 +220,12 @@ class MultiLayerConv(ConvBase):
         # the fused functions run in one dtype, float32 or float64: under autocast, plain autograd (mixed dtypes)
         if (self._use_fused_tail() and x.dtype in _fused.DTYPES and self.expand.weight.dtype == x.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            # the fused functions work on NCHW views: a channels-last layer runs NCHW inside, its output and
-            # its input's gradient keep the caller's layout
-            nhwc = is_channels_last(x)
-            if nhwc:
-                x = _fused.to_nchw(x)
+            # (NCHW or channels-last: the fused functions compute in the input's layout and keep it)
             coeff = self.dynamic_coefficients(x) if self.fused_mix == 'diag' else None
             if self._is_pointwise():
-                y = _fused.pointwise_expanding(self._pointwise_input(x), coeff, self.expand.weight, self.project,
-                                               self.expand_bn, self.project_bn, q)
-            else:
-                y = _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
-            return y.contiguous(memory_format=torch.channels_last) if nhwc else y
+                return _fused.pointwise_expanding(self._pointwise_input(x), coeff, self.expand.weight,
+                                                  self.project, self.expand_bn, self.project_bn, q)
+            return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
         z = self.expand(x)
         if self.norm == 'branch':
             z = self.expand_bn(z)
