@@ -37,6 +37,8 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     assert res['infer']['2']['static']['n'] == 1
     assert res['infer']['1']['static']['n'] == 2  # half the batch, twice the rounds
     assert res['train']['2']['mdconv expanding']['peak_bytes'] > res['train']['2']['static']['peak_bytes'] > 0
+    walls = [res['infer']['1'][v]['walls'] for v in ('static', 'mdconv compact (auto)')]
+    assert len(walls[0]) == len(walls[1]) == 2 and min(walls[0] + walls[1]) > 0  # every round kept, in order
 
 
 def test_channels_last_run_says_so_in_report_and_json(tmp_path):
@@ -111,3 +113,15 @@ def test_malloc_retain_stops_page_faulting_fresh_outputs():
         faults[mode] = int(n)
     assert faults['default'] >= 5 * 16384 * 0.9, faults
     assert faults['retain'] <= 16384 + 1000, faults
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """Round i of two variants ran back to back; the paired ratio is the median of their per-round ratios (here
+    1.1, where the ratio of the medians says 4.4 / 3 = 1.47), and there is none for runs of unequal length."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    ref = benchmark.summarise(dict(wall=[1.0, 2.0, 3.0, 4.0, 10.0], cpu=[1.0] * 5))
+    var = benchmark.summarise(dict(wall=[2.0, 2.2, 4.5, 4.4, 10.0], cpu=[1.0] * 5))  # ratios 2, 1.1, 1.5, 1.1, 1
+    assert abs(benchmark.paired_ratio(var, ref) - 1.1) < 1e-12
+    assert abs(var['median'] / ref['median'] - 4.4 / 3.0) < 1e-12
+    assert benchmark.paired_ratio(var, benchmark.summarise(dict(wall=[1.0], cpu=[1.0]))) is None
