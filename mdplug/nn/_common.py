@@ -92,19 +92,28 @@ def is_channels_last(x: Tensor) -> bool:
 
 
 def channel_matmul(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tensor:
-    """Each sample's channels mixed by its own matrix at every pixel: ``y[b] = mat[b]·t[b] + add``.
+    """Channels mixed by a matrix at every pixel: ``y[b] = mat[b]·t[b] + add``.
 
-    ``mat`` (B, q, c); ``t`` (B, c, H, W); ``add`` broadcastable to the (B, q, H, W) result or None (a bias as
-    (1 or B, q, 1, 1), or a full tensor).  One batched matmul, on the (B, c, H·W) view of an NCHW ``t`` or on the
-    (B, H·W, c) rows of a channels-last one (:func:`is_channels_last`), whose layout the result keeps.
+    ``mat`` (B, q, c), each sample's own, or (q, c), shared by all samples; ``t`` (B, c, H, W); ``add``
+    broadcastable to the (B, q, H, W) result or None (a bias as (1 or B, q, 1, 1), or a full tensor).  One
+    batched matmul on the (B, c, H·W) view of an NCHW ``t``; on the (B, H·W, c) rows of a channels-last one
+    (:func:`is_channels_last`), or with a shared matrix one matmul over the rows of the whole batch.  The result
+    keeps t's layout.
     """
     b, c, h, w = t.shape
-    q = mat.shape[1]
+    q = mat.shape[-2]
     if is_channels_last(t):
-        rows, mat_t = t.permute(0, 2, 3, 1).reshape(b, h * w, c), mat.transpose(1, 2)
-        y = torch.bmm(rows, mat_t) if add is None else torch.baddbmm(add.permute(0, 2, 3, 1).flatten(1, 2), rows,
-                                                                      mat_t)
+        rows = t.permute(0, 2, 3, 1)
+        if mat.dim() == 2:
+            rows, mat_t = rows.reshape(b * h * w, c), mat.t()
+            y = rows @ mat_t if add is None else torch.addmm(add.permute(0, 2, 3, 1).reshape(-1, q), rows, mat_t)
+        else:
+            rows, mat_t = rows.reshape(b, h * w, c), mat.transpose(1, 2)
+            y = torch.bmm(rows, mat_t) if add is None else torch.baddbmm(add.permute(0, 2, 3, 1).flatten(1, 2),
+                                                                          rows, mat_t)
         return y.view(b, h, w, q).permute(0, 3, 1, 2)
+    if mat.dim() == 2:
+        mat = mat.expand(b, -1, -1)
     flat = t.reshape(b, c, h * w)
     y = torch.bmm(mat, flat) if add is None else torch.baddbmm(add.flatten(2), mat, flat)
     return y.view(b, q, h, w)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import is_channels_last
+from ._common import channel_matmul, is_channels_last
 
 
 def _bn_factor(bn: nn.BatchNorm2d) -> float:
@@ -63,19 +63,6 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
     if is_channels_last(a):
         return _rows(a).t() @ _rows(b)
     return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)).sum(0)
-
-
-def _mix_shared(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tensor:
-    """``mat·t + add`` at every pixel, ``mat`` (Co, Ci) shared by all samples, t (B, Ci, H, W), ``add`` (B, Co, H,
-    W) of t's layout or None; the result has t's layout."""
-    b, _, h, w = t.shape
-    co = mat.shape[0]
-    if is_channels_last(t):
-        y = _rows(t) @ mat.t() if add is None else torch.addmm(_rows(add), _rows(t), mat.t())
-        return y.view(b, h, w, co).permute(0, 3, 1, 2)
-    flat = t.flatten(2)
-    y = torch.matmul(mat, flat) if add is None else torch.baddbmm(add.flatten(2), mat.expand(b, -1, -1), flat)
-    return y.view(b, co, h, w)
 
 
 def _mix_shared_(y: Tensor, mat: Tensor, t: Tensor) -> Tensor:
@@ -155,7 +142,7 @@ def _bn2_backward(dy: Tensor, g: Tensor, w2: Tensor, gamma2: Tensor, sum_dy: Ten
     n = g.shape[0] * g.shape[2] * g.shape[3]
     dw2, dgamma2, r_mat, c_vec = _folded_bn_terms(gram, w2, gamma2, sum_dy, n, saved)
     invstd2 = saved[3]
-    dg = _mix_shared(r_mat, g).add_(c_vec[:, None, None])
+    dg = channel_matmul(r_mat, g).add_(c_vec[:, None, None])
     return _mix_shared_(dg, (w2 * (gamma2 * invstd2)[:, None]).t(), dy), dw2, dgamma2
 
 
@@ -197,7 +184,7 @@ class _ExpandingTail(torch.autograd.Function):
             g[:, :m].copy_(h)
         g[:, m].fill_(1)
         w2s, shift, saved = _folded_bn_forward(g[:, :m], w2, g2, b2, bn2)
-        y = _mix_shared(torch.cat([w2s, shift[:, None]], 1), g, add=zn[:, :q])
+        y = channel_matmul(torch.cat([w2s, shift[:, None]], 1), g, add=zn[:, :q])
         ctx.save_for_backward(z, coeff, w2, g1, b1, g2, mean1, invstd1, *saved)
         ctx.q, ctx.eps1, ctx.fmt = q, eps1, fmt
         return y
@@ -338,7 +325,7 @@ class _PointwiseFolded(torch.autograd.Function):
         x, g = stacked_x[:, :p], stacked_x[:, p:]
         dw0, dg0, r0, c0 = _folded_bn_terms(dw_stacked[:, :p], w0, g0, sum_dy, n, saved0)
         dw2, dg2, r2, c2 = _folded_bn_terms(dw_stacked[:, p:], w2, g2, sum_dy, n, saved2)
-        dg = _mix_shared(r2, g, add=d_stacked[:, p:]).add_(c2[:, None, None])
+        dg = channel_matmul(r2, g, add=d_stacked[:, p:]).add_(c2[:, None, None])
         h = _bn_affine(z1, g1, b1, mean1, invstd1)
         dh, dcoeff = _mix_backward(dg, h, coeff, ctx.needs_input_grad[1])
         del dg, h
@@ -348,7 +335,7 @@ class _PointwiseFolded(torch.autograd.Function):
         dx1, dw1 = _conv1x1_backward(dz1, x, w1, need_x, need_w1)
         dx = None
         if need_x:
-            dx = _mix_shared(r0, x, add=d_stacked[:, :p]).add_(c0[:, None, None]).add_(dx1)
+            dx = channel_matmul(r0, x, add=d_stacked[:, :p]).add_(c0[:, None, None]).add_(dx1)
         if not ctx.needs_input_grad[2]:
             dw0 = None
         return dx, dcoeff, dw0, dw1, dw2, dg0, sum_dy, dg1, db1, dg2, sum_dy.clone(), None, None, None
