@@ -19,9 +19,8 @@ from torch import Tensor, nn
 
 from .. import fusion
 from . import _fused
-from ._common import (NORMS, PATHS, Attention, ConvBase, _check_choice, _copy_param, calls_forward, channel_matmul,
-                      conv_bias_init_, is_channels_last, kaiming_conv_init_, member, no_global_module_hooks,
-                      tracing_for_export)
+from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
+                      is_channels_last, kaiming_conv_init_, member, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -305,15 +304,6 @@ class MultiLayerConv(ConvBase):
         if path == 'weight' and tracing and not self.per_sample_conv_is_batch_agnostic():
             return 'factorized'
         return path
-
-    def _one_sample_coefficients(self, x: Tensor) -> Tensor:
-        """The attention output for the batch-1 path (untraced): :meth:`Attention.coefficients` directly when
-        calling the attention network would run exactly its forward (:func:`calls_forward`; saves the module
-        call), else :meth:`dynamic_coefficients`."""
-        att = member(self, 'attention')
-        if calls_forward(att, Attention) and no_global_module_hooks():
-            return att.coefficients(x, False)
-        return self.dynamic_coefficients(x)
 
     def _runs_one_sample(self, x: Tensor, tracing: bool) -> bool:
         """Whether the compact forward takes :meth:`_one_sample_pointwise`: a 1×1 layer, one sample, and no

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice, member, tracing_for_export
+from ._common import Attention, _check_choice, calls_forward, member, no_global_module_hooks, tracing_for_export
 from ._multilayer import MultiLayerConv
 
 
@@ -92,6 +92,15 @@ class MDConv2d(MultiLayerConv):
         if self._stacks_input():
             return self._stacked_factorized(x, coeff)
         return self._factorized(x, self._left(coeff))
+
+    def _one_sample_coefficients(self, x: Tensor) -> Tensor:
+        """The attention output for the batch-1 path (untraced): :meth:`Attention.coefficients` directly when
+        calling the attention network would run exactly its forward (:func:`calls_forward`; saves the module
+        call), else :meth:`dynamic_coefficients`."""
+        att = member(self, 'attention')
+        if calls_forward(att, Attention) and no_global_module_hooks():
+            return att.coefficients(x, False)
+        return self.dynamic_coefficients(x)
 
     def _left(self, coeff: Tensor) -> Tensor:
         """``W2'·A(x)``, (B, q, m): A scales the columns of W2' by broadcasting."""
