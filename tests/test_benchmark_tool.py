@@ -23,7 +23,7 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert '## resnet18 (select=spatial: 16 convs replaced' in text
-    for variant in ('static', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
+    for variant in ('static', 'static + attention (floor)', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
                     'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
         assert f'| {variant} |' in text
     assert 'Allocator: glibc with freed memory kept in the process' in text  # --malloc retain, the default
@@ -73,6 +73,16 @@ def test_torchcompile_run_compiles_every_model_and_says_so(tmp_path):
     assert data['results'][0]['train']['2']['mdconv expanding']['n'] == 1
 
 
+def test_variant_lists_static_first_and_no_floor_when_compiled():
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    args = benchmark.parse_args(['--variants', 'mdconv compact (auto)', 'static'])
+    assert args.variants == ['static', 'mdconv compact (auto)'] and args.train_variants is None
+    assert benchmark.parse_args([]).variants is None  # every variant, the floor included
+    compiled = benchmark.parse_args(['--torchcompile']).variants
+    assert benchmark.FLOOR not in compiled and compiled == [v for v in benchmark.INFER if v != benchmark.FLOOR]
+
+
 def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
     import torch
     if not torch.cuda.is_available():
@@ -83,6 +93,8 @@ def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
     proc = run('--variants', 'static', 'mdconv compact', '--out', str(tmp_path / 'b.md'))
     assert proc.returncode == 2 and "--variants: unknown 'mdconv compact'" in proc.stderr
     assert 'mdconv compact (auto)' in proc.stderr  # the known names are listed
+    proc = run('--variants', 'static + attention (floor)', '--torchcompile', '--out', str(tmp_path / 'b.md'))
+    assert proc.returncode == 2 and 'means nothing with --torchcompile' in proc.stderr
     assert not (tmp_path / 'b.md').exists()
 
 

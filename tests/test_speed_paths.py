@@ -11,7 +11,7 @@ from conftest import randomize_bn, rel_err
 from mdplug.nn import DCDConv2d, DYConv2d, MAConv2d, MDConv2d
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
-from peers import PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
+from peers import AttentionFloor, PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
 
 GEOMETRIES = [  # (p, q, k, stride, padding)
     (8, 12, 1, 1, 0),   # 1×1 with q > p: the factorized form stacks the input channels
@@ -226,6 +226,21 @@ def test_peer_dyconv_matches_mdplug_dyconv(k, groups):
         ours.attention.fc2.load_state_dict(peer.fc2.state_dict())
         x = torch.randn(3, 6, 9, 9)
         assert rel_err(peer(x), ours(x)) < 1e-5
+
+
+def test_attention_floor_returns_the_static_output_and_runs_mdconvs_attention():
+    """The benchmark's floor row: the static conv's output, exactly, and MDConv's attention network (same sizes
+    as MDConv2d's defaults) run on the conv's input."""
+    conv = nn.Conv2d(16, 24, 1)
+    floor = AttentionFloor(copy.deepcopy(conv)).eval()
+    layer = MDConv2d.from_conv(conv)
+    assert [t.shape for t in floor.attention.parameters()] == [t.shape for t in layer.attention.parameters()]
+    seen = []
+    floor.attention.register_forward_hook(lambda mod, args, out: seen.append((args[0], out.shape)))
+    x = torch.randn(3, 16, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(floor(x), conv(x))
+    assert len(seen) == 1 and seen[0][0] is x and seen[0][1] == (3, 20)
 
 
 def test_timm_condconv_wrapper_runs():

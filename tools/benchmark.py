@@ -1,5 +1,9 @@
 """Side-by-side speed benchmark: static vs MAConv, MDConv, DYConv (peer-style and mdplug), DCD, timm CondConv.
 
+The row "static + attention (floor)" is the static model that also runs MDConv's attention network on the input
+of every conv MDConv would replace (``tools/peers.py``, AttentionFloor): no MDConv execution can be faster in eager
+mode, and DYConv computes the same attention, so it shows how far apart the two can be at best.
+
 Every variant of one model is built from the same static network and changes the same convs (the paper's choice:
 pointwise convs of MobileNetV2, the 3×3 convs of ResNet's blocks; ``--select`` overrides).  All variants run in
 one process and are timed round-robin (one call of each in turn, ``--repeats`` rounds after ``--warmup`` at the
@@ -41,13 +45,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
+from peers import AttentionFloor, PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
 
 import mdplug  # noqa: E402
 from mdplug.convert import compact, convert, plan  # noqa: E402
 from mdplug.convert.checkpoint import build_model  # noqa: E402
 
-INFER = ('static', 'maconv compact', 'mdconv compact (weight)', 'mdconv compact (factorized)',
+FLOOR = 'static + attention (floor)'
+INFER = ('static', FLOOR, 'maconv compact', 'mdconv compact (weight)', 'mdconv compact (factorized)',
          'mdconv compact (auto)', 'dyconv peer-style (groups=B)', 'dyconv mdplug', 'dcd compact (auto)',
          'condconv timm')
 TRAIN = ('static', 'maconv expanding', 'mdconv expanding', 'dyconv peer-style (groups=B)', 'dyconv mdplug')
@@ -77,6 +82,7 @@ def build_inference(static: nn.Module, select: str, names: Sequence[str], varian
 
     makers = {
         'static': lambda: copy.deepcopy(static).eval(),
+        FLOOR: lambda: swap_convs(copy.deepcopy(static), names, AttentionFloor).eval(),
         'maconv compact': lambda: ours('maconv'),
         'mdconv compact (weight)': lambda: ours('mdconv', 'weight'),
         'mdconv compact (factorized)': lambda: ours('mdconv', 'factorized'),
@@ -336,12 +342,13 @@ def targets(r: dict) -> List[str]:
             return ratios(inf[b][v], inf[b][w])
         return None
 
-    def check(label, value, limit):
+    def check(label, value, limit, floor=None):
         if value is not None:
             wall, cpu, paired = value
             lines.append(f"- {label}: {wall:.3f} (target ≤ {limit}) — {'met' if wall <= limit else 'MISSED'}"
                          f" (CPU-time ratio {cpu:.3f}" + ('' if paired is None else
-                                                          f'; median of per-round ratios {paired:.3f}') + ')')
+                                                          f'; median of per-round ratios {paired:.3f}') + ')'
+                         + ('' if floor is None else f'; the floor (static + attention) gives {floor[0]:.3f}'))
 
     for b in (1, 32):
         check(f'MAConv compact / static, batch {b}', ratio(b, 'maconv compact'), 1.02)
@@ -349,7 +356,8 @@ def targets(r: dict) -> List[str]:
     check('MDConv compact (auto) / static, batch 1', ratio(1, 'mdconv compact (auto)'), 1.25)
     for b in sorted(inf):
         check(f'MDConv compact (auto) / DYConv peer-style, batch {b}',
-              ratio(b, 'mdconv compact (auto)', 'dyconv peer-style (groups=B)'), 0.8)
+              ratio(b, 'mdconv compact (auto)', 'dyconv peer-style (groups=B)'), 0.8,
+              ratio(b, FLOOR, 'dyconv peer-style (groups=B)'))
         check(f'MDConv compact (auto) / DCD compact, batch {b}',
               ratio(b, 'mdconv compact (auto)', 'dcd compact (auto)'), 1.0)
         check(f'MDConv compact (auto) / timm CondConv, batch {b}', ratio(b, 'mdconv compact (auto)', 'condconv timm'),
@@ -397,7 +405,11 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is '
              '`tools/peers.py`: the per-sample aggregated kernels run as one grouped conv with groups=B, as public '
              'DYConv code does; "condconv timm" is '
-             "`timm.layers.CondConv2d` behind CondConv's sigmoid routing (4 experts).", '']
+             "`timm.layers.CondConv2d` behind CondConv's sigmoid routing (4 experts). "
+             f'"{FLOOR}" is the static model running, beside each of those convs, the attention network of '
+             "MDConv on the conv's input and dropping its output: every MDConv execution computes at least that, "
+             'so in eager mode none can be faster (DYConv computes the same attention before aggregating its '
+             'experts).', '']
     for r in results:
         lines += [f"## {r['model']} (select={r['select']}: {r['converted']} convs replaced; input "
                   f"{'×'.join(map(str, r['input']))})", '']
@@ -490,19 +502,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The options, with the variant lists checked and completed: static always first (every ratio is to it);
+    ``None`` means every variant; compiled runs leave the floor out (its attention feeds nothing, so a compiler
+    removes it and the row would read as static) and refuse it by name."""
     args = _parser().parse_args(argv)
     for opt, chosen, known in (('--variants', args.variants, INFER), ('--train-variants', args.train_variants, TRAIN)):
         unknown = [v for v in chosen or () if v not in known]
         if unknown:
             _parser().error(f'{opt}: unknown {", ".join(map(repr, unknown))}; known: {", ".join(known)}')
-    # every ratio is to static, so it is always measured
     args.variants = ['static'] + [v for v in args.variants if v != 'static'] if args.variants else None
     args.train_variants = (['static'] + [v for v in args.train_variants if v != 'static']
                            if args.train_variants else None)
     if args.torchcompile:  # compiling happens in the warm-up calls, which then must exist
         args.warmup, args.train_warmup = max(args.warmup, 1), max(args.train_warmup, 1)
+        if args.variants and FLOOR in args.variants:
+            _parser().error(f'--variants {FLOOR!r} means nothing with --torchcompile: the compiler removes its '
+                            'unused attention')
+        args.variants = args.variants or [v for v in INFER if v != FLOOR]
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.quick:
         args.model = args.model or ['mobilenetv2_100']
         args.size, args.warmup, args.repeats, args.train_repeats = 128, 1, 3, 2

@@ -6,6 +6,9 @@
   DYConv paper's description as a speed baseline; it is *not* mdplug's :class:`~mdplug.nn.DYConv2d`.
 * :class:`TimmCondConv` -- timm's ``CondConv2d`` layer with the CondConv paper's routing function
   (GAP → Linear(p, K) → sigmoid) in front, so it can stand in for an ``nn.Conv2d``.
+* :class:`AttentionFloor` -- not a layer anyone would use: the static conv plus MDConv's attention network run on
+  its input, whose coefficients are dropped.  Any MDConv execution computes at least this, so its time is the
+  floor under MDConv's; DYConv computes the same attention before aggregating its experts.
 
 :func:`swap_convs` puts either into the convs that :func:`mdplug.convert.plan` selects, so every variant of a
 benchmark changes the same convs.
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['PeerDYConv2d', 'TimmCondConv', 'swap_convs']
+from mdplug.nn._common import Attention
+
+__all__ = ['AttentionFloor', 'PeerDYConv2d', 'TimmCondConv', 'swap_convs']
 
 
 class PeerDYConv2d(nn.Module):
@@ -70,6 +75,23 @@ class TimmCondConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cond(x, torch.sigmoid(self.routing(x.mean((2, 3)))))
+
+
+class AttentionFloor(nn.Module):
+    """The static ``conv`` and, on its input, MDConv's attention network with MDConv's default sizes (GAP →
+    Linear(p, p/4) → ReLU → Linear(p/4, m) → sigmoid, m = 20); returns the conv's output, the coefficients are
+    dropped.  What every MDConv execution computes at least: a lower bound of its time in eager mode (a compiler
+    would remove the unused attention, so it means nothing under ``torch.compile``)."""
+
+    def __init__(self, conv: nn.Conv2d, m: int = 20, hidden_ratio: float = 0.25) -> None:
+        super().__init__()
+        self.conv = conv
+        self.attention = Attention(conv.in_channels, m, hidden_ratio, device=conv.weight.device,
+                                   dtype=conv.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.attention(x)
+        return self.conv(x)
 
 
 def swap_convs(model: nn.Module, names: Iterable[str], make) -> nn.Module:
