@@ -23,8 +23,8 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = out.read_text()
     assert '## resnet18 (select=spatial: 16 convs replaced' in text
-    for variant in ('static', 'static + attention (floor)', 'maconv compact', 'mdconv compact (auto)', 'dyconv peer-style (groups=B)',
-                    'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
+    for variant in ('static', 'static + attention (floor)', 'maconv compact', 'mdconv compact (auto)',
+                    'dyconv peer-style (groups=B)', 'dcd compact (auto)', 'condconv timm', 'mdconv expanding'):
         assert f'| {variant} |' in text
     assert 'Allocator: glibc with freed memory kept in the process' in text  # --malloc retain, the default
     assert '# old report' not in text and 'A hand-written reading.' in text  # regenerated, notes kept

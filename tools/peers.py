@@ -10,7 +10,7 @@
   its input, whose coefficients are dropped.  Any MDConv execution computes at least this, so its time is the
   floor under MDConv's; DYConv computes the same attention before aggregating its experts.
 
-:func:`swap_convs` puts either into the convs that :func:`mdplug.convert.plan` selects, so every variant of a
+:func:`swap_convs` puts any of them into the convs that :func:`mdplug.convert.plan` selects, so every variant of a
 benchmark changes the same convs.
 """
 from __future__ import annotations
