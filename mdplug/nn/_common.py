@@ -91,6 +91,12 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
 
 
+def channel_rows(t: Tensor) -> Tensor:
+    """The (B·H·W, C) rows of a (B, C, H, W) tensor, one per pixel: a view when ``t`` is channels-last (or a
+    channel slice of such a tensor, :func:`is_channels_last`), a copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def channel_matmul(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tensor:
     """Channels mixed by a matrix at every pixel: ``y[b] = mat[b]·t[b] + add``.
 
@@ -103,12 +109,11 @@ def channel_matmul(mat: Tensor, t: Tensor, add: Optional[Tensor] = None) -> Tens
     b, c, h, w = t.shape
     q = mat.shape[-2]
     if is_channels_last(t):
-        rows = t.permute(0, 2, 3, 1)
         if mat.dim() == 2:
-            rows, mat_t = rows.reshape(b * h * w, c), mat.t()
-            y = rows @ mat_t if add is None else torch.addmm(add.permute(0, 2, 3, 1).reshape(-1, q), rows, mat_t)
+            rows, mat_t = channel_rows(t), mat.t()
+            y = rows @ mat_t if add is None else torch.addmm(channel_rows(add), rows, mat_t)
         else:
-            rows, mat_t = rows.reshape(b, h * w, c), mat.transpose(1, 2)
+            rows, mat_t = t.permute(0, 2, 3, 1).reshape(b, h * w, c), mat.transpose(1, 2)
             y = torch.bmm(rows, mat_t) if add is None else torch.baddbmm(add.permute(0, 2, 3, 1).flatten(1, 2),
                                                                           rows, mat_t)
         return y.view(b, h, w, q).permute(0, 3, 1, 2)

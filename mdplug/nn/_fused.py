@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._common import channel_matmul, is_channels_last
+from ._common import channel_matmul, channel_rows, is_channels_last
 
 
 def _bn_factor(bn: nn.BatchNorm2d) -> float:
@@ -53,15 +53,10 @@ def _check_batch(shape) -> None:
 # -- channel algebra on (B, C, H, W) tensors of either layout -----------------------------------------------------
 # NCHW: on (B, C, H·W) views, batched matmuls; channels-last: on the (B·H·W, C) rows, one matmul for the whole
 # batch.  Either way nothing is copied to change layout, and results keep the layout.
-def _rows(t: Tensor) -> Tensor:
-    """The (B·H·W, C) rows of a channels-last tensor (or a channel slice of one): a view."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def _gram(a: Tensor, b: Tensor) -> Tensor:
     """``Σ over samples and pixels of a·bᵀ``, (Ca, Cb), for a (B, Ca, H, W) and b (B, Cb, H, W) of one layout."""
     if is_channels_last(a):
-        return _rows(a).t() @ _rows(b)
+        return channel_rows(a).t() @ channel_rows(b)
     return torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)).sum(0)
 
 
@@ -70,7 +65,7 @@ def _mix_shared_(y: Tensor, mat: Tensor, t: Tensor) -> Tensor:
     anything else rather than writing into a copy)."""
     b, c, h, w = y.shape
     if is_channels_last(t):
-        y.permute(0, 2, 3, 1).view(b * h * w, c).addmm_(_rows(t), mat.t())
+        y.permute(0, 2, 3, 1).view(b * h * w, c).addmm_(channel_rows(t), mat.t())
     else:
         y.view(b, c, h * w).baddbmm_(mat.expand(b, -1, -1), t.flatten(2))
     return y

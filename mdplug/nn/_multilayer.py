@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import fusion
 from . import _fused
 from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
-                      is_channels_last, kaiming_conv_init_, member, tracing_for_export)
+                      channel_rows, is_channels_last, kaiming_conv_init_, member, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -257,7 +257,7 @@ class MultiLayerConv(ConvBase):
     per_sample_mac_weight: float = 8.0
 
     def _per_sample_weight(self, x: Tensor, tracing: bool) -> float:
-        if not self.per_sample_conv_is_batch_agnostic() or (not tracing and x.shape[0] == 1):
+        if not self.per_sample_conv_is_batch_agnostic() or self._runs_one_sample(x, tracing):
             return 1.0
         return self.per_sample_mac_weight
 
@@ -388,18 +388,16 @@ class MultiLayerConv(ConvBase):
         _, p, h, w = x.shape
         w0, b0, w1, b1, w2 = self._matrices()
         left = self._left_one(w2, coeff)
+        data = channel_rows(x) if nhwc else x.reshape(p, h * w)  # (H·W, p) rows or the (p, H·W) matrix, views
         # (only mm/addmm, out of place: the products torch's FlopCounterMode counts, so mdplug.profile stays exact)
         if path == 'weight':
             kernel = torch.mm(left, w1) if w0 is None else torch.addmm(w0, left, w1)
             bias = b0 if b1 is None else (torch.mm(left, b1) if b0 is None else torch.addmm(b0, left, b1))
             if nhwc:
-                data = x.permute(0, 2, 3, 1).reshape(h * w, p)
                 y = torch.mm(data, kernel.t()) if bias is None else torch.addmm(bias.t(), data, kernel.t())
             else:
-                data = x.reshape(p, h * w)
                 y = torch.mm(kernel, data) if bias is None else torch.addmm(bias, kernel, data)
         elif nhwc:  # every product transposed: rows (H·W, ·), biases as (1, ·) rows
-            data = x.permute(0, 2, 3, 1).reshape(h * w, p)
             inner = torch.mm(data, w1.t()) if b1 is None else torch.addmm(b1.t(), data, w1.t())
             if w0 is None:
                 base = None if b0 is None else b0.t()
@@ -407,7 +405,6 @@ class MultiLayerConv(ConvBase):
                 base = torch.mm(data, w0.t()) if b0 is None else torch.addmm(b0.t(), data, w0.t())
             y = torch.mm(inner, left.t()) if base is None else torch.addmm(base, inner, left.t())
         else:
-            data = x.reshape(p, h * w)
             inner = torch.mm(w1, data) if b1 is None else torch.addmm(b1, w1, data)
             base = b0 if w0 is None else (torch.mm(w0, data) if b0 is None else torch.addmm(b0, w0, data))
             y = torch.mm(left, inner) if base is None else torch.addmm(base, left, inner)
