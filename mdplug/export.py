@@ -114,21 +114,38 @@ def export_model(name: str, kind: str, onnx_path: str, select: Optional[str] = N
                  check_batches: Sequence[int] = (1, 3, 16), opset: int = DEFAULT_OPSET, **layer_kwargs) -> dict:
     """Build model ``name``, convert it to ``kind`` (or load an mdplug ``checkpoint``), export its compact form
     to ``onnx_path`` and check it with onnxruntime at ``check_batches``.  What ``mdplug export`` runs.
+    With a ``checkpoint``, ``name`` and ``kind`` are the checkpoint's; a model that already holds mdplug layers is
+    exported as it is (compacted), not converted again.
 
-    Returns ``dict(model, kind, onnx, input_size, rel_err={batch: err}, ops={op_type: count})``.
+    Returns ``dict(model, kind, onnx, input_size, rel_err={batch: err}, ops={op_type: count}, notes)``.
     """
     from mdplug.convert import convert
-    from mdplug.convert.checkpoint import build_model, load
+    from mdplug.convert.checkpoint import build_model, load, read
+    notes = []
     if checkpoint:
+        meta = read(checkpoint)['meta']
+        name, kind = meta['model'], meta['kind']
         model = load(checkpoint)
     else:
         model = build_model(name).eval()
-        convert(model, kind=kind, select=select or 'pointwise', **layer_kwargs)
+        held = [m for m in model.modules() if _is_mdplug(m)]
+        if held:  # a timm *_mdconv entry point, a config with mdplug layers: export it as it is
+            from mdplug.convert._layers import kind_of
+            kind = '+'.join(sorted({kind_of(m) for m in held}))
+            notes.append(f'{name} already holds {len(held)} mdplug layers: exported their compact form, nothing '
+                         f'converted')
+        else:
+            convert(model, kind=kind, select=select or 'pointwise', **layer_kwargs)
     size = _input_size(model, input_size)
     export_onnx(model, onnx_path, size, opset=opset)
     errors = check_onnx(onnx_path, model, check_batches, size) if check_batches else {}
     return dict(model=name, kind=kind, onnx=onnx_path, input_size=list(size), rel_err=errors,
-                ops=onnx_op_counts(onnx_path))
+                ops=onnx_op_counts(onnx_path), notes=notes)
+
+
+def _is_mdplug(m: nn.Module) -> bool:
+    from mdplug.nn import MDPLUG_LAYERS
+    return isinstance(m, MDPLUG_LAYERS)
 
 
 def onnx_op_counts(path: str) -> Dict[str, int]:

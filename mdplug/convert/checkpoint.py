@@ -1,20 +1,24 @@
 """Build a model from a name, and save / load converted models as self-describing checkpoints.
 
 A checkpoint is ``{'state_dict': ..., 'meta': {...}}`` with plain Python values only, so it loads with
-``torch.load(path, weights_only=True)``. ``meta`` holds what rebuilds the model: ``model`` (the name given to
-:func:`build_model`), ``model_kwargs``, ``kind``, ``options`` (select, exclude, keep_stem, keep_head,
-layer_kwargs) and ``form`` (``'expanding'`` or ``'compact'``).
+``torch.load(path, weights_only=True)``; the state_dict is the one ``model.state_dict()`` returns (its
+``_metadata`` of module versions included, which some ``_load_from_state_dict`` hooks read). ``meta`` holds what
+rebuilds the model: ``model`` (the name given to :func:`build_model`), ``model_kwargs``, ``kind``, ``converted``
+(the qualified names of the convs the conversion replaced), ``options`` (select, exclude, keep_stem, keep_head,
+layer_kwargs; informative once ``converted`` is there) and ``form`` (``'expanding'`` or ``'compact'``).
+:func:`load` converts exactly the ``converted`` convs; checkpoints without that list are re-planned.
 """
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ['build_model', 'save', 'load', 'CheckpointError', 'FORMS']
+__all__ = ['build_model', 'save', 'load', 'torch_load', 'CheckpointError', 'FORMS']
 
 FORMS = ('expanding', 'compact')
 TORCHVISION_PREFIX = 'torchvision:'
@@ -75,27 +79,52 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def save(model: nn.Module, path: str, meta: dict) -> None:
-    """Write ``{'state_dict', 'meta'}``; ``meta`` must name ``model``, ``kind``, ``options`` and ``form``."""
+    """Write ``{'state_dict', 'meta'}``; ``meta`` must name ``model``, ``kind``, ``options`` and ``form``.
+
+    ``meta['converted']`` defaults to the names :func:`mdplug.convert` recorded on ``model``.
+    """
     missing = [k for k in ('model', 'kind', 'options', 'form') if k not in meta]
     if missing:
         raise ValueError(f'checkpoint meta lacks {", ".join(missing)}')
     if meta['form'] not in FORMS:
         raise ValueError(f'form must be one of {FORMS}, not {meta["form"]!r}')
-    if not isinstance(meta['options'].get('select', 'pointwise'), str):
-        raise ValueError('a callable select cannot be stored in a checkpoint; save the state_dict yourself')
+    if callable(meta['options'].get('select', 'pointwise')):
+        raise ValueError('a callable select cannot be stored in a checkpoint; give the list of qualified names it '
+                         'selects (plan(...).names) as select, or save the state_dict yourself')
+    from mdplug.convert.passes import CONVERTED_ATTR
+    meta = dict(meta)
+    if meta.get('converted') is None and getattr(model, CONVERTED_ATTR, None) is not None:
+        meta['converted'] = list(getattr(model, CONVERTED_ATTR))
+    if isinstance(meta['options'].get('select'), (tuple, set, frozenset)):
+        meta['options'] = dict(meta['options'], select=sorted(meta['options']['select']))
     from mdplug.convert._layers import layers
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # an OrderedDict carrying _metadata (module versions): kept as it is
+    for k, v in state.items():
+        state[k] = v.detach().cpu()
     torch.save({'state_dict': state, 'meta': dict(meta, mdplug_kinds=sorted(layers()))}, path)
+
+
+def torch_load(path: str):
+    """``torch.load(path, weights_only=True)`` whose errors are one short line naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist' if not os.path.isdir(path)
+                              else f'checkpoint {path!r} is a directory, not a file')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        text = str(e)
+        if 'can still be loaded' in text:  # a valid pickle holding Python objects beyond tensors
+            found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', text)
+            what = f' ({found.group(1)})' if found else ''
+            raise CheckpointError(f'{path}: holds pickled Python objects{what}, not only tensors and plain values; '
+                                  f'save a state_dict (torch.save(model.state_dict(), path))') from None
+        raise CheckpointError(f'{path}: not a readable torch checkpoint (corrupt, truncated, or not written by '
+                              f'torch.save)') from None
 
 
 def read(path: str) -> dict:
     """The raw checkpoint dict, checked to be an mdplug checkpoint."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} does not exist')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(e).__name__}: {e})') from e
+    ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'meta' not in ckpt:
         raise CheckpointError(f'{path}: not an mdplug checkpoint (expected keys state_dict and meta)')
     return ckpt
@@ -108,7 +137,11 @@ def rebuild(meta: dict, form: Optional[str] = None) -> nn.Module:
     layer_kwargs = opts.pop('layer_kwargs', {}) or {}
     model = build_model(meta['model'], **(meta.get('model_kwargs') or {}))
     model.eval()
-    convert(model, meta['kind'], **opts, **layer_kwargs)
+    converted = meta.get('converted')
+    if converted is None:  # written before checkpoints recorded their convs: plan again
+        convert(model, meta['kind'], **opts, **layer_kwargs)
+    elif converted:
+        convert(model, meta['kind'], select=list(converted), **layer_kwargs)
     if (form or meta['form']) == 'compact':
         compact_with_notes(model)
     return model

@@ -112,6 +112,8 @@ class ModelGraph:
     stem: Optional[str] = None
     head: Optional[str] = None
     num_linear: int = 0
+    #: why the example input did not run through the model (shapes unknown); None when it ran or was not run
+    run_error: Optional[str] = None
 
     def ordered(self) -> List[ConvSite]:
         return sorted(self.sites.values(), key=lambda s: s.order)
@@ -223,14 +225,29 @@ def _add_hidden_convs(model: nn.Module, g: ModelGraph, leaf_order: Dict[str, int
     a fused bias in them. They are ordered right after the leaf that contains them, or after everything.
     """
     end = max([s.order for s in g.sites.values()] + [0]) + 1
+    inner = _inside_mdplug_layers(model)
     for name, mod in model.named_modules():
-        if name in g.sites or not _is_conv(mod):
+        if name in g.sites or name in inner or not _is_conv(mod):
             continue
         parts = name.split('.')
         owner = next(('.'.join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
                       if '.'.join(parts[:k]) in leaf_order), None)
         order = leaf_order[owner] + 0.5 if owner is not None else end + len(g.sites)
         g.sites[name] = ConvSite(name, mod, order=order)
+
+
+def _inside_mdplug_layers(model: nn.Module) -> Set[str]:
+    """Qualified names of every module inside an mdplug layer (its branch convs, BNs): never convs of the model."""
+    from mdplug.convert._layers import mdplug_layer_types
+    ours = mdplug_layer_types()
+    if not ours:
+        return set()
+    inner: Set[str] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, ours):
+            prefix = f'{name}.' if name else ''
+            inner.update(prefix + sub for sub, _ in mod.named_modules() if sub)
+    return inner
 
 
 def _count_linear(model: nn.Module) -> int:
@@ -244,8 +261,9 @@ def walk_model(model: nn.Module, note: str = '') -> ModelGraph:
     cannot be known without a graph, so it is kept (conservative). Users of conv outputs are unknown.
     """
     sites: Dict[str, ConvSite] = {}
+    inner = _inside_mdplug_layers(model)
     for i, (name, mod) in enumerate(model.named_modules()):
-        if _is_conv(mod) and name not in sites:
+        if _is_conv(mod) and name not in sites and name not in inner:
             sites[name] = ConvSite(name, mod, order=i)
     g = ModelGraph(sites, traced=False, note=note, num_linear=_count_linear(model))
     ordered = g.ordered()
@@ -337,7 +355,7 @@ def analyse(model: nn.Module, example_inputs=None, shapes: bool = True) -> Model
             example_inputs = default_example_input(model)
         err = _record_shapes(model, g, example_inputs)
         if err:
-            g.note = (g.note + '; ' if g.note else '') + f'example input did not run ({err[:160]}): shapes unknown'
+            g.run_error = err[:160]
         elif isinstance(example_inputs, torch.Tensor) and example_inputs.dim() == 4 and any(
                 s.in_shape is not None and tuple(s.in_shape[2:]) == (1, 1) for s in g.sites.values()):
             # a 1×1 input map: global pooling (an SE gate, a post-pool head) stays 1×1 on a larger image, a feature

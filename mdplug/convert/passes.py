@@ -18,10 +18,13 @@ from mdplug.convert._layers import layer_class, layer_keywords, mdplug_layer_typ
 from mdplug.convert.graph import analyse
 from mdplug.convert.planner import Plan, Select, plan
 
-__all__ = ['convert', 'compact', 'NothingToConvert', 'ORIG_BIAS_ATTR']
+__all__ = ['convert', 'compact', 'NothingToConvert', 'ORIG_BIAS_ATTR', 'CONVERTED_ATTR']
 
 ORIG_BIAS_ATTR = '_mdplug_orig_bias'
 """Set by :func:`convert` on each new layer: whether the static conv it replaced had a bias."""
+CONVERTED_ATTR = '_mdplug_converted'
+"""Set by :func:`convert` on the model: the qualified names of the convs it replaced, which
+:func:`mdplug.save` records so that :func:`mdplug.load` converts exactly those."""
 
 
 class NothingToConvert(ValueError):
@@ -80,6 +83,10 @@ def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = '
         new.train(conv.training)
         setattr(new, ORIG_BIAS_ATTR, conv.bias is not None)
         _swap(model, refs, d.name, conv, new)
+    try:
+        object.__setattr__(model, CONVERTED_ATTR, list(getattr(model, CONVERTED_ATTR, ())) + p.names)
+    except AttributeError:  # a model class that forbids new attributes: save() then needs meta['converted']
+        pass
     return model, p
 
 
