@@ -324,6 +324,11 @@ def _load_static(model, path: str, name: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_convert(a) -> int:
+    _check_positive(a.num_classes, '--num-classes')
+    _check_positive(a.m, '--m')
+    _check_input_size(a.input_size)
+    if a.out:
+        _check_out(a.out)
     import copy
 
     import torch
@@ -332,11 +337,6 @@ def cmd_convert(a) -> int:
     from mdplug.convert.checkpoint import save
     from mdplug.convert.passes import NothingToConvert, compact_with_notes, convert_with_plan
     from mdplug.profile import count_macs, count_params
-    _check_positive(a.num_classes, '--num-classes')
-    _check_positive(a.m, '--m')
-    _check_input_size(a.input_size)
-    if a.out:
-        _check_out(a.out)
     kind, select = a.kind or 'mdconv', a.select or 'pointwise'
     model_kwargs = {} if a.num_classes is None else {'num_classes': a.num_classes}
     model = _build(a.model, **model_kwargs)
@@ -488,7 +488,6 @@ def _export_meta(a) -> Optional[dict]:
 
 
 def cmd_export(a) -> int:
-    from mdplug.convert.check import TOLERANCE
     _check_input_size(a.input_size)
     _check_positive(a.m, '--m')
     for b in a.check_batch:
@@ -507,6 +506,7 @@ def cmd_export(a) -> int:
         raise UsageError(f'--opset {a.opset} is not supported: give 9 to {ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET} '
                          f'(the exporter has no opset-{a.opset} form of ops the layers use; default 17)')
     meta = _export_meta(a) if a.checkpoint else None
+    from mdplug.convert.check import TOLERANCE
     from mdplug.export import export_model
     layer_kwargs = {} if a.m is None or meta else {'m': a.m}
     name = meta['model'] if meta else a.model
