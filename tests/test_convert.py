@@ -360,3 +360,30 @@ def test_a_conv_whose_weight_the_model_reads_is_kept_with_the_reason():
     assert 'reads its weight directly' in reason
     convert(model, "mdconv", keep_stem=False, keep_head=False, example_inputs=torch.randn(1, 3, 8, 8))
     assert type(model.proj) is nn.Conv2d and model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 8, 8)
+
+
+def test_converting_a_converted_model_never_looks_inside_its_layers():
+    """Issue 15 item 5: the branch convs inside mdplug layers are not convs of the model."""
+    model = convert(build('mobilenetv2_050'), 'maconv', m=4, example_inputs=small_input(1))
+    layers = [n for n, m in model.named_modules() if isinstance(m, MAConv2d)]
+    with pytest.raises(NothingToConvert, match=r'already converted: it holds 33 mdplug layers \(MAConv2d ×33\).*'
+                                               r'compact it'):
+        convert(model, 'mdconv', example_inputs=small_input(1))
+    p = plan(model, select='all', keep_stem=False, keep_head=False, example_inputs=small_input(1))
+    assert not any(d.name.startswith(tuple(f'{n}.' for n in layers)) for d in p.decisions)
+    assert [n for n, m in model.named_modules() if isinstance(m, MAConv2d)] == layers
+    compact(model)  # and the model still compacts
+    assert not any(isinstance(m, MAConv2d) for m in model.modules())
+
+
+def test_an_example_input_that_does_not_run_is_an_error():
+    """Issue 15 item 4: no silent fallback to 'shapes unknown' (which converted MobileNetV3's SE gates)."""
+    m = build('mobilenetv3_small_050')
+    with pytest.raises(ValueError, match=r'example input 1×1×64×64 does not run through MobileNetV3 .*its first conv '
+                                         r'takes 3 input channels.*input_shape'):
+        plan(m, example_inputs=torch.randn(1, 1, 64, 64))
+    import mdplug.mmpretrain  # noqa: F401 - registers mdplug.Converted
+    from mmpretrain.registry import MODELS
+    with pytest.raises(ValueError, match=r'example input 1×1×64×64 does not run through MobileNetV3'):
+        MODELS.build(dict(type='mdplug.Converted', backbone=dict(type='MobileNetV3', arch='small'), kind='mdconv',
+                          input_shape=(1, 64, 64)))
