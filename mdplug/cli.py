@@ -510,16 +510,14 @@ def cmd_export(a) -> int:
     from mdplug.export import export_model
     layer_kwargs = {} if a.m is None or meta else {'m': a.m}
     name = meta['model'] if meta else a.model
-    size = a.input_size or (meta or {}).get('input_size')
-    if not size:
-        if a.checkpoint:
-            size = None  # the rebuilt model's own
-        else:
-            model = _build(name)
-            if _existing_layers(model):
-                _already_converted(name, _existing_layers(model), a)
-            size = _input_size(model, None, name)
-            _check_runs(model, size, name)
+    size = a.input_size or (meta or {}).get('input_size')  # None with an old checkpoint: the rebuilt model's own
+    if not a.checkpoint:
+        model = _build(name)
+        existing = _existing_layers(model)
+        if existing:
+            _already_converted(name, existing, a)
+        size = tuple(size) if size else _input_size(model, None, name)
+        _check_runs(model, size, name)
     existed = os.path.exists(a.onnx)
     try:
         with _quiet_stderr() as held:
