@@ -135,9 +135,10 @@ def test_mobilenetv2_100_default_command():
     assert r.returncode == 0, r.stderr
     assert '33 convs replaced' in r.stdout and '-> OK' in r.stdout
     # the paper's Table 1 row (3.5M / 300M static; MDConv 5.0M / 335M counted with a per-sample kernel everywhere)
-    assert re.search(r'static\s+3\.50M\s+300\.77M', r.stdout)
-    assert re.search(r'compact\s+5\.06M\s+320\.49M', r.stdout)
-    assert re.search(r"336\.45M\s+\(compact, path='weight' everywhere: the paper's accounting", r.stdout)
+    assert re.search(r'params \(M\)\s+MACs \(M\)', r.stdout)  # one unit per column
+    assert re.search(r'static\s+3\.50\s+300\.77\n', r.stdout)
+    assert re.search(r'compact\s+5\.06\s+320\.49\n', r.stdout)
+    assert re.search(r"336\.45\s+\(compact, path='weight' everywhere: the paper's accounting", r.stdout)
 
 
 # ------------------------------------------------------------------------ issue 19: read back, refuse, report
