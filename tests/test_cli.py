@@ -310,10 +310,11 @@ def test_export_without_onnx_says_install_the_extra(tmp_path):
 def test_help_lists_every_option_with_its_default():
     r = mdplug('convert', '--help')
     assert r.returncode == 0
+    c = ' '.join(r.stdout.split())  # argparse wraps lines at the terminal width
     for opt in ('--exclude', '--no-keep-stem', '--no-keep-head', '--num-classes', '--checkpoint', '--float64'):
-        assert opt in r.stdout
-    assert '(default: expanding)' in r.stdout and '(default: mdconv)' in r.stdout
-    e = mdplug('export', '--help').stdout
+        assert opt in c
+    assert '(default: expanding)' in c and '(default: mdconv)' in c
+    e = ' '.join(mdplug('export', '--help').stdout.split())
     assert '--check-batch' in e and '(default: 17)' in e and '(default: [1, 3, 16])' in e and '.[export]' in e
     top = mdplug('--help').stdout
     assert '``' not in top and '.[export]' in top and 'Exit status' in top
