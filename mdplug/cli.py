@@ -499,12 +499,12 @@ def cmd_export(a) -> int:
         import onnx  # noqa: F401
         if a.check_batch:
             import onnxruntime  # noqa: F401
-        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
     except ImportError as e:
         raise UsageError(f'{_one_line(e)}; install the export extra: pip install -e ".[export]"') from None
-    if not 9 <= a.opset <= ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
-        raise UsageError(f'--opset {a.opset} is not supported: give 9 to {ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET} '
-                         f'(the exporter has no opset-{a.opset} form of ops the layers use; default 17)')
+    if not ONNX_MIN_OPSET <= a.opset <= ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
+        raise UsageError(f'--opset {a.opset} is not supported by the exporter: give {ONNX_MIN_OPSET} to '
+                         f'{ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET} (default 17)')
     meta = _export_meta(a) if a.checkpoint else None
     from mdplug.convert.check import TOLERANCE
     from mdplug.export import export_model
@@ -532,8 +532,8 @@ def cmd_export(a) -> int:
             raise UsageError(f'{_one_line(missing)}; install the export extra: pip install -e ".[export]"') from None
         if isinstance(e, ValueError):
             raise UsageError(_one_line(e)[:400]) from e
-        raise UsageError(f'ONNX export of {name} failed at opset {a.opset} ({type(e).__name__}: '
-                         f'{_one_line(e)[:300]}); try the default --opset 17') from e
+        raise UsageError(f'ONNX export of {name} failed at --opset {a.opset} ({type(e).__name__}: '
+                         f'{_one_line(e)[:200]}); use a higher --opset (default 17)') from None
     worst = max(r['rel_err'].values(), default=0.0)
     r['ok'] = worst <= TOLERANCE
     r['tolerance'] = TOLERANCE

@@ -289,10 +289,15 @@ def test_bad_export_options(tmp_path):
         (('--onnx', str(tmp_path)), 'is a directory'),
         (('--onnx', str(tmp_path / 'no' / 'r.onnx')), 'does not exist'),
         (('--onnx', out, '--check-batch', '0'), '--check-batch must be a positive integer, not 0'),
-        (('--onnx', out, '--opset', '7'), '--opset 7 is not supported'),
+        (('--onnx', out, '--opset', '6'), '--opset 6 is not supported by the exporter: give 7 to'),
     ]:
         line = _one_error_line(mdplug(*base, *args), 'export')
         assert message in line, line
+    assert not os.path.exists(out)
+    # an opset the exporter knows but the layers need more than: one line, not the exporter's IR dump, no file
+    r = mdplug('export', '--model', 'mobilenetv2_050', '--input-size', '3', '32', '32', '--onnx', out, '--opset', '7')
+    line = _one_error_line(r, 'export')
+    assert 'failed at --opset 7' in line and 'use a higher --opset' in line and len(r.stderr) < 600
     assert not os.path.exists(out)
 
 
