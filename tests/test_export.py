@@ -122,7 +122,8 @@ def test_cli_export(tmp_path, capsys):
 def tiny(kind: str) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1))
-    return convert(net, kind=kind, select='all', keep_stem=False, keep_head=False)
+    return convert(net, kind=kind, select='all', keep_stem=False, keep_head=False,
+                   example_inputs=torch.randn(1, 4, 8, 8))  # a 4-channel net: the default 3-channel image cannot run
 
 
 @pytest.mark.filterwarnings('ignore')
