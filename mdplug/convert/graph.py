@@ -343,7 +343,9 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
 
 def analyse(model: nn.Module, example_inputs=None, shapes: bool = True) -> ModelGraph:
-    """Trace ``model`` (falling back to a module walk) and, if ``shapes``, record conv input shapes."""
+    """Trace ``model`` (falling back to a module walk) and, if ``shapes``, record conv input shapes (an example input
+    that does not run leaves them unknown and sets ``run_error``, which :func:`mdplug.plan` raises). Modules inside
+    mdplug layers are never sites."""
     try:
         g = _graph_sites(model, trace(model))
     except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
