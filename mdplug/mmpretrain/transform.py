@@ -73,18 +73,27 @@ def _norm_after_conv(module: ConvModule):
     return module.norm if isinstance(module.norm, _BatchNorm) else None
 
 
+def _had_bias(layer: nn.Module):
+    """Whether the conv that ``layer`` stands for had a bias: the converted conv's (``mdplug.convert``), else the
+    ``bias`` the layer was built with (``conv_cfg=dict(type=...)``: ``ConvModule`` builds it without one before a
+    norm)."""
+    return getattr(layer, ORIG_BIAS_ATTR, getattr(layer, 'use_bias', True))
+
+
 def compact_part(part: nn.Module) -> nn.Module:
     """:func:`mdplug.compact` of one traceable-or-not module, in place.
 
     ``mdplug.compact`` folds a fused MAConv bias into the BN that reads the conv's output when torch.fx shows that
     BN is its only user. Backbones that do not trace (ShuffleNetV2: ``x.size()`` unpacking, ``chunk``) leave the
     graph unknown; there a conv that is the ``conv`` of an mmcv ``ConvModule`` still feeds only the module's BN, so
-    the bias is folded into that BN here. Any other kept bias is reported as ``mdplug.compact`` reports it.
+    the bias is folded into that BN here, also for layers that a ``conv_cfg=dict(type=...)`` built inside a
+    ``ConvModule`` (their conv was built without a bias). Any other kept bias is reported as ``mdplug.compact``
+    reports it.
     """
     pending = {}
     for name, module in part.named_modules():
         if isinstance(module, ConvModule) and isinstance(module.conv, LAYER_TYPES) \
-                and getattr(module.conv, ORIG_BIAS_ATTR, True) is False and _norm_after_conv(module) is not None:
+                and _had_bias(module.conv) is False and _norm_after_conv(module) is not None:
             pending[f'{name}.conv' if name else 'conv'] = module
     _, _, notes = compact_with_notes(part, inplace=True)
     fixed = set()
@@ -97,6 +106,12 @@ def compact_part(part: nn.Module) -> nn.Module:
         if note.split(':', 1)[0] not in fixed:
             warnings.warn(note, stacklevel=2)
     return part
+
+
+def compact_backbone(backbone: nn.Module) -> None:
+    """``backbone.switch_to_deploy()``, mmpretrain's re-parameterisation convention (``reparameterize_model.py``):
+    every mdplug layer inside becomes its compact form, in place (:func:`compact_part`, MAConv biases folded)."""
+    compact_part(backbone)
 
 
 def compact_classifier(model: nn.Module) -> nn.Module:
