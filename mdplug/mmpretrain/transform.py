@@ -73,27 +73,23 @@ def _norm_after_conv(module: ConvModule):
     return module.norm if isinstance(module.norm, _BatchNorm) else None
 
 
-def _had_bias(layer: nn.Module):
-    """Whether the conv that ``layer`` stands for had a bias: the converted conv's (``mdplug.convert``), else the
-    ``bias`` the layer was built with (``conv_cfg=dict(type=...)``: ``ConvModule`` builds it without one before a
-    norm)."""
-    return getattr(layer, ORIG_BIAS_ATTR, getattr(layer, 'use_bias', True))
-
-
 def compact_part(part: nn.Module) -> nn.Module:
     """:func:`mdplug.compact` of one traceable-or-not module, in place.
 
     ``mdplug.compact`` folds a fused MAConv bias into the BN that reads the conv's output when torch.fx shows that
     BN is its only user. Backbones that do not trace (ShuffleNetV2: ``x.size()`` unpacking, ``chunk``) leave the
     graph unknown; there a conv that is the ``conv`` of an mmcv ``ConvModule`` still feeds only the module's BN, so
-    the bias is folded into that BN here, also for layers that a ``conv_cfg=dict(type=...)`` built inside a
-    ``ConvModule`` (their conv was built without a bias). Any other kept bias is reported as ``mdplug.compact``
-    reports it.
+    the bias is folded into that BN here. Layers that a ``conv_cfg=dict(type=...)`` built stand for a conv with
+    their own ``bias`` flag (``ConvModule`` and ResNet build convs before a norm without one), so their fused bias
+    is folded the same way. Any other kept bias is reported as ``mdplug.compact`` reports it.
     """
+    for layer in part.modules():  # a conv_cfg-built layer stands for a conv built with its own bias flag
+        if isinstance(layer, LAYER_TYPES) and not hasattr(layer, ORIG_BIAS_ATTR) and hasattr(layer, 'use_bias'):
+            setattr(layer, ORIG_BIAS_ATTR, layer.use_bias)
     pending = {}
     for name, module in part.named_modules():
         if isinstance(module, ConvModule) and isinstance(module.conv, LAYER_TYPES) \
-                and _had_bias(module.conv) is False and _norm_after_conv(module) is not None:
+                and getattr(module.conv, ORIG_BIAS_ATTR, True) is False and _norm_after_conv(module) is not None:
             pending[f'{name}.conv' if name else 'conv'] = module
     _, _, notes = compact_with_notes(part, inplace=True)
     fixed = set()
