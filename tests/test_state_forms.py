@@ -41,3 +41,21 @@ def test_a_maconv_with_relu_refuses_a_plain_conv():
     layer = MAConv2d(8, 12, 1, m=5, act='relu')
     with pytest.raises(CheckpointFormError, match=r"MAConv2d '<root>' has act='relu', so no compact form"):
         layer.load_state_dict(torch.nn.Conv2d(8, 12, 1).state_dict())
+
+
+def test_a_layer_that_switched_while_loading_refuses_a_training_step_until_accepted():
+    """An optimizer built before the load (the Runner's, for ``load_from``) lacks the compact parameters."""
+    from mdplug.nn import _state
+    compact = randomize_bn(MDConv2d(8, 12, 1, m=5)).eval().fuse()
+    layer = MDConv2d(8, 12, 1, m=5)  # training mode
+    layer.load_state_dict(compact.state_dict())
+    with pytest.raises(RuntimeError, match='an optimizer built before the load does not hold its new parameters'):
+        layer(torch.randn(2, 8, 4, 4))
+    _state.accept(layer)
+    layer(torch.randn(2, 8, 4, 4)).sum().backward()
+    assert layer.weight1.grad is not None
+
+    inferred = MDConv2d(8, 12, 1, m=5)
+    inferred.load_state_dict(compact.state_dict())
+    inferred.eval()(torch.randn(1, 8, 4, 4))  # inference first: the guard goes
+    inferred.train()(torch.randn(2, 8, 4, 4))

@@ -83,12 +83,40 @@ def adopt_checkpoint_form(layer: nn.Module, state_dict: Dict[str, Tensor], prefi
     _check_complete(layer, state_dict, prefix, keys, label)
 
 
+SWITCHED = '_mdplug_switched_on_load'  # id of the guard hook of a layer that switched form while loading
+
+
+def _refuse_stale_training(layer: nn.Module, args) -> None:
+    """Forward pre-hook of a layer that switched form while loading: its first forward must not be a training step
+    (an optimizer built before the load, as the Runner's for ``load_from``, lacks the new parameters); any other
+    first forward (inference) removes the guard."""
+    if layer.training and torch.is_grad_enabled():
+        raise RuntimeError(
+            f'{type(layer).__name__} switched to its compact form when a compact checkpoint was loaded into the '
+            f'model (e.g. load_from / pretrained of a training config), so an optimizer built before the load does '
+            f'not hold its new parameters and would never update them. Train from the training (expanding) '
+            f'checkpoint; or, to train the compact form itself, build the optimizer after loading and call '
+            f'mdplug.nn._state.accept(model) first')
+    accept(layer)
+
+
+def accept(model: nn.Module) -> nn.Module:
+    """Allow training steps of layers that switched form while loading (the optimizer was built afterwards)."""
+    for module in model.modules():
+        hook_id = module.__dict__.pop(SWITCHED, None)
+        if hook_id is not None:
+            module._forward_pre_hooks.pop(hook_id, None)
+    return model
+
+
 @torch.no_grad()
 def _switch_for(layer: nn.Module, keys: List[str], label: str) -> None:
     """Rebuild ``layer``'s compact parameters in place (uninitialised; the load fills them)."""
     training = layer.training
     layer._rebuild_compact()
     layer.train(training)
+    if SWITCHED not in layer.__dict__:
+        layer.__dict__[SWITCHED] = layer.register_forward_pre_hook(_refuse_stale_training).id
     if _is_maconv(layer):
         # the checkpoint's conv decides whether there is a bias (a fused bias folded into the next BN is absent)
         if 'bias' not in keys:
