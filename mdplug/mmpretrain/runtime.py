@@ -211,21 +211,21 @@ SHAPE_FIX = ('set input_shape=(C, H, W) at the top of the config (or in its mdpl
              '--shape')
 
 
+#: transform type -> (its size key, whether a pair is (w, h)) of the transforms that fix the image size
+SIZING = {'CenterCrop': ('crop_size', True), 'Resize': ('scale', True), 'RandomCrop': ('crop_size', False),
+          'RandomResizedCrop': ('scale', False), 'CenterPad': ('size', False), 'ResizeEdge': (None, False)}
+
+
 def _pipeline_size(pipeline):
     """``(H, W)`` the last sizing transform of a test pipeline gives, else None."""
     size = None
     for t in pipeline or []:
-        value = None
-        if t.get('type') in ('CenterCrop', 'RandomCrop', 'RandomResizedCrop'):
-            value = t.get('crop_size')
-        elif t.get('type') in ('Resize', 'CenterPad'):
-            value = t.get('scale', t.get('size'))
-        elif t.get('type') == 'ResizeEdge':
-            size = None  # the other side depends on the image
-            continue
-        if value is not None:
-            size = (value, value) if isinstance(value, int) else (value[1], value[0]) if t.get('type') == 'Resize' \
-                else tuple(value)
+        key, wh = SIZING.get(t.get('type'), ('', False))
+        if key is None:  # ResizeEdge: the other side depends on the image
+            size = None
+        elif key and t.get(key) is not None:
+            value = t[key]
+            size = (value, value) if isinstance(value, int) else (value[1], value[0]) if wh else tuple(value)
     return size
 
 

@@ -6,7 +6,8 @@ A compact checkpoint (``tools/deploy.py``, :func:`mdplug.compact`, mmpretrain's 
 ``torch.nn.Module.load_state_dict`` and mmengine's ``load_state_dict`` call each layer's ``_load_from_state_dict``
 before its children's, so the layer switches its own form there, in place, and the load then fills the compact
 parameters exactly. Anything that is neither form whole is refused with the layer's name and the fix, so a
-non-strict load (mmengine's) never leaves a layer half random.
+non-strict load (mmengine's) never leaves a layer half random. A layer that switched refuses a training step
+until :func:`accept` (an optimizer built before the load does not hold its new parameters).
 """
 from __future__ import annotations
 
