@@ -6,7 +6,6 @@ import os.path as osp
 import runpy
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -72,18 +71,15 @@ def logits(model, x):
         return model(torch.from_numpy(x))
 
 
-@pytest.mark.parametrize('kind', sorted(KINDS))
+@pytest.mark.parametrize('kind', ['dcd', 'mdconv'])
 def test_get_model_and_init_model_on_a_compact_checkpoint_are_the_compact_model(kind, checkpoints):
     trained, _, compact = checkpoints[kind]
-    assert torch.load(compact, weights_only=True)['meta']['mdplug_form'] == ('static' if kind == 'maconv'
-                                                                           else 'compact')
+    assert torch.load(compact, weights_only=True)['meta']['mdplug_form'] == 'compact'
     x = images()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # MAConv says the layer became the plain conv
-        for model in (get_model(config(kind), pretrained=compact), init_model(config(kind), compact)):
-            layers = [m for m in model.modules() if isinstance(m, KINDS[kind])]
-            assert len(layers) == 3 and all(layer.deploy for layer in layers)
-            torch.testing.assert_close(logits(model, x), logits(trained, x), atol=1e-5, rtol=1e-4)
+    for model in (get_model(config(kind), pretrained=compact), init_model(config(kind), compact)):
+        layers = [m for m in model.modules() if isinstance(m, KINDS[kind])]
+        assert len(layers) == 3 and all(layer.deploy for layer in layers)
+        torch.testing.assert_close(logits(model, x), logits(trained, x), atol=1e-5, rtol=1e-4)
 
 
 def test_the_inferencer_on_a_compact_checkpoint_predicts_what_the_trained_model_does(checkpoints):
@@ -95,14 +91,18 @@ def test_the_inferencer_on_a_compact_checkpoint_predicts_what_the_trained_model_
         np.testing.assert_allclose(a['pred_scores'], b['pred_scores'], atol=1e-6)
 
 
-def test_a_maconv_compact_checkpoint_makes_the_layers_that_conv_and_says_so(checkpoints):
-    _, _, compact = checkpoints['maconv']
-    with pytest.warns(UserWarning, match=r"MAConv2d 'backbone.layer1.pointwise.conv' received a plain conv's "
-                                         r"weight .* no longer trains in the expanding form"):
-        model = get_model(config('maconv'), pretrained=compact)
-    layer = model.backbone.layer1.pointwise.conv
-    assert layer.bias is None  # the fused bias went into the BN that follows (tools/deploy.py)
-    assert set(model.state_dict()) == set(torch.load(compact, weights_only=True)['state_dict'])
+def test_a_maconv_compact_checkpoint_is_the_static_models_and_the_training_config_refuses_it(checkpoints):
+    """tools/deploy.py's MAConv output is the static model's checkpoint (plain convs, biases folded into the BNs);
+    into the MAConv training config it is refused (a plain conv's state is a static model's too), never half
+    loaded; tools/test.py reads its meta and evaluates it as the compact model (test below)."""
+    trained, _, compact = checkpoints['maconv']
+    assert torch.load(compact, weights_only=True)['meta']['mdplug_form'] == 'static'
+    static = get_model(osp.join(ROOT, 'configs/fashion_mnist/smallnet_x1_static.py'), pretrained=compact)
+    x = images()
+    torch.testing.assert_close(logits(static, x), logits(trained, x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(CheckpointFormError, match=r"MAConv2d 'backbone.layer1.pointwise.conv' received a plain "
+                                                  r"conv's state .* Load it into the static model"):
+        get_model(config('maconv'), pretrained=compact)
 
 
 def without(state, key):
@@ -155,6 +155,11 @@ def test_tools_test_reads_the_form_from_the_checkpoint(checkpoints, tmp_path):
     assert 'holds the compact form: evaluated as the compact model' in proc.stdout + proc.stderr
     with open(outs[0]) as f, open(outs[1]) as g:
         assert f.read() == g.read()
+
+    _, _, static = checkpoints['maconv']  # meta mdplug_form='static': the compact model of the MAConv config
+    proc = run_test_tool(config('maconv'), static, '--work-dir', str(tmp_path))
+    assert proc.returncode == 0 and 'holds the static form: evaluated as the compact model' in proc.stderr + \
+        proc.stdout, proc.stderr[-3000:]
 
     proc = run_test_tool(config('mdconv'), train, '--deployed', '--work-dir', str(tmp_path))
     assert proc.returncode != 0

@@ -1,8 +1,9 @@
 """mmpretrain's own tools on our checkpoints: ``torch.load`` after ``import mdplug.mmpretrain``, the ``.mim`` copies
-of ``tools/test.py``, ``tools/train.py --resume`` and ``tools/model_converters/reparameterize_model.py`` shipped in
-the installed package (run as subprocesses), and the ``switch_to_deploy`` convention that the last one asserts."""
+of ``tools/test.py``, ``tools/train.py --resume`` (subprocesses) and ``tools/model_converters/reparameterize_model.py``
+shipped in the installed package, and the ``switch_to_deploy`` convention that the last one asserts."""
 import os
 import os.path as osp
+import runpy
 import subprocess
 import sys
 
@@ -70,8 +71,11 @@ def test_mmpretrain_test_and_resume_read_our_checkpoints(work):
     assert 'resumed epoch: 1, iter: 2' in log and 'Epoch(train) [2][2/2]' in log
 
 
-def reparameterize(config, checkpoint, out):
-    run([sys.executable, osp.join(MIM, 'model_converters', 'reparameterize_model.py'), config, checkpoint, out])
+def reparameterize(config, checkpoint, out, monkeypatch):
+    """mmpretrain's ``reparameterize_model.py CONFIG CHECKPOINT OUT``, the installed script, run in this process."""
+    script = osp.join(MIM, 'model_converters', 'reparameterize_model.py')
+    monkeypatch.setattr(sys, 'argv', [script, config, checkpoint, out])
+    runpy.run_path(script, run_name='__main__')
     return out
 
 
@@ -79,9 +83,9 @@ def images():
     return torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_reparameterize_model_compacts_and_its_output_loads_into_the_compact_model(work, tmp_path):
+def test_reparameterize_model_compacts_and_its_output_loads_into_the_compact_model(work, tmp_path, monkeypatch):
     checkpoint = osp.join(work, 'epoch_1.pth')
-    out = reparameterize(CONFIG, checkpoint, str(tmp_path / 'deploy.pth'))
+    out = reparameterize(CONFIG, checkpoint, str(tmp_path / 'deploy.pth'), monkeypatch)
     state = torch.load(out, weights_only=True)['state_dict']
     assert 'backbone.layer1.pointwise.conv.weight1' in state and not any('.expand.' in k for k in state)
     trained = get_model(CONFIG, pretrained=checkpoint)
@@ -91,13 +95,13 @@ def test_reparameterize_model_compacts_and_its_output_loads_into_the_compact_mod
         torch.testing.assert_close(compact(images()), trained(images()), atol=1e-5, rtol=1e-4)
 
 
-def test_reparameterized_maconv_is_the_static_model(tmp_path):
+def test_reparameterized_maconv_is_the_static_model(tmp_path, monkeypatch):
     """MAConv: every layer becomes a plain conv, its bias folded into the next BN: the static config's model."""
     config = osp.join(ROOT, 'configs/fashion_mnist/smallnet_x1_maconv.py')
     trained = randomize_bn(runtime.build_model(Config.fromfile(config))).eval()
     checkpoint = str(tmp_path / 'maconv.pth')
     torch.save({'meta': {}, 'state_dict': trained.state_dict()}, checkpoint)
-    out = reparameterize(config, checkpoint, str(tmp_path / 'deploy.pth'))
+    out = reparameterize(config, checkpoint, str(tmp_path / 'deploy.pth'), monkeypatch)
     static = runtime.build_model(Config.fromfile(config.replace('_maconv', '_static'))).eval()
     static.load_state_dict(torch.load(out, weights_only=True)['state_dict'], strict=True)
     with torch.no_grad():

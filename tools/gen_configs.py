@@ -324,8 +324,8 @@ Point a config at its data with `--data-root DIR`. The percentages are the paper
 
 Either way the model trains with `tools/train.py`, and `tools/deploy.py`, mmpretrain's own
 `tools/model_converters/reparameterize_model.py` (every backbone holding mdplug layers has `switch_to_deploy()`)
-and `tools/test.py` take it; a compact checkpoint loads into the training config (see the README, "Using a
-trained checkpoint in mmpretrain").
+and `tools/test.py` take it; a compact MDConv / DCD checkpoint loads into the training config, a compact MAConv
+one into the static config (see the README, "Using a trained checkpoint in mmpretrain").
 """
 
 

@@ -1,11 +1,10 @@
 """Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--deployed] [--data-root DIR] ...``.
 
 CHECKPOINT may hold either form of CONFIG's model: a training (expanding) checkpoint, or a compact one of
-``tools/deploy.py`` / mmpretrain's ``reparameterize_model.py``, whose layers the expanding model adopts while
-loading (so the compact model is what is evaluated); the MAConv checkpoint of ``tools/deploy.py`` (the static
-model's) loads into CONFIG and into the static config alike. A compact checkpoint (``meta['mdplug_form']`` or its
-keys) is loaded into the compact model (``mdplug.Compacted``), as ``--deployed`` asks; ``--deployed`` refuses a
-training checkpoint.
+``tools/deploy.py`` / mmpretrain's ``reparameterize_model.py``. A compact checkpoint (``meta['mdplug_form']`` or
+its keys) is loaded into the compact model (``mdplug.Compacted``), as ``--deployed`` asks; ``--deployed`` builds the
+compact model whatever the checkpoint says (a MAConv output of ``reparameterize_model.py`` has the keys of a static
+model and the training checkpoint's meta) and refuses a training checkpoint.
 """
 import argparse
 import os
@@ -50,7 +49,7 @@ def main():
         hint = ('drop --deployed if CHECKPOINT is a training checkpoint' if args.deployed else
                 f'CHECKPOINT says it holds the {form} form, but it does not fit the compact model of the config')
     else:
-        hint = 'if CHECKPOINT is a compact checkpoint of tools/deploy.py, use --deployed'
+        hint = 'if CHECKPOINT is compact (tools/deploy.py, reparameterize_model.py), use --deployed'
 
     cfg.load_from, cfg.resume = None, False  # loaded strictly below, not by the Runner
     runtime.fix_dataloaders(cfg)

@@ -1,17 +1,19 @@
 """Loading a checkpoint of the other form: an expanding layer that receives compact-form keys becomes compact.
 
 A compact checkpoint (``tools/deploy.py``, :func:`mdplug.compact`, mmpretrain's ``reparameterize_model.py``) holds
-``weight``, ``bias``, ``weight1``, ``bias1``, ``weight2`` (MDConv, DCD) or a plain conv's ``weight`` [``bias``]
-(MAConv, Eq. 10–11); a model built from a training config holds ``expand.*``, ``project.*`` and BNs instead. Both
+``weight``, ``bias``, ``weight1``, ``bias1``, ``weight2`` (MDConv, DCD); a model built from a training config holds
+``expand.*``, ``project.*`` and BNs instead. Both
 ``torch.nn.Module.load_state_dict`` and mmengine's ``load_state_dict`` call each layer's ``_load_from_state_dict``
 before its children's, so the layer switches its own form there, in place, and the load then fills the compact
 parameters exactly. Anything that is neither form whole is refused with the layer's name and the fix, so a
-non-strict load (mmengine's) never leaves a layer half random. A layer that switched refuses a training step
+non-strict load (mmengine's) never leaves a layer half random: a static model's plain conv state is refused as
+well. MAConv's compact form is a plain conv (Eq. 10–11), whose keys a static model's conv has too: which one a
+checkpoint holds cannot be told, so MAConv refuses it and names the models it loads into (the static one, or the
+compact one built before loading). A layer that switched refuses a training step
 until :func:`accept` (an optimizer built before the load does not hold its new parameters).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List
 
 import torch
@@ -20,8 +22,9 @@ from torch import Tensor, nn
 EXPANDING_CHILDREN = ('expand', 'project', 'expand_bn', 'project_bn', 'sum_bn')
 
 
-class CheckpointFormError(ValueError):
-    """A layer got a state that is neither its expanding nor its compact form (or a mix of both)."""
+class CheckpointFormError(RuntimeError):
+    """A layer got a state that is neither its expanding nor its compact form (or a mix of both); a RuntimeError
+    like torch's own ``load_state_dict`` errors."""
 
 
 def _own_keys(state_dict: Dict[str, Tensor], prefix: str) -> List[str]:
@@ -38,48 +41,43 @@ def _is_maconv(layer: nn.Module) -> bool:
     return isinstance(layer, MAConv2d)
 
 
-def _compact_signature(layer: nn.Module, keys: List[str]) -> bool:
-    """Whether ``keys`` (the layer's, prefix removed) are its compact form's."""
-    if _is_maconv(layer):
-        return 'weight' in keys
-    return 'weight1' in keys or 'weight2' in keys
-
-
 def _expanding_signature(keys: List[str]) -> bool:
     return any(k.split('.', 1)[0] in EXPANDING_CHILDREN for k in keys)
 
 
 def adopt_checkpoint_form(layer: nn.Module, state_dict: Dict[str, Tensor], prefix: str) -> None:
     """Before ``layer`` (a :class:`~mdplug.nn._multilayer.MultiLayerConv`) loads its part of ``state_dict``:
-    switch an expanding layer to its compact form when the part is a compact one; refuse mixed or partial parts.
-
-    MAConv's compact form is a plain conv (``weight``, ``bias`` only when the checkpoint has one: a bias folded into
-    the next BN is absent), which a static model's conv also is; the layer then *is* that conv, exactly, and a
-    warning says that it no longer trains in the expanding form.
+    switch an expanding layer to its compact form when the part is a compact one; refuse mixed or partial parts and
+    a plain conv's state (a static model's; for MAConv also its compact form's, which cannot be told apart).
     """
     keys = _own_keys(state_dict, prefix)
     if not keys:
         return
-    compact, expanding = _compact_signature(layer, keys), _expanding_signature(keys)
+    expanding = _expanding_signature(keys)
+    multi = 'weight1' in keys or 'weight2' in keys  # MDConv / DCD compact
+    plain = 'weight' in keys and not multi  # a plain conv's: a static model's, or a compact MAConv's
     label = _label(layer, prefix)
-    if compact and expanding:
+    if (multi or plain) and expanding:
         raise CheckpointFormError(
             f'{label}: the checkpoint holds both compact ({", ".join(k for k in keys if "." not in k)}) and '
             f'expanding ({", ".join(k for k in keys if "." in k and k.split(".", 1)[0] in EXPANDING_CHILDREN)[:3]}'
             f'...) keys for this layer; it is not a checkpoint of one form of this model')
-    if layer.deploy:
-        if expanding:
-            raise CheckpointFormError(
-                f'{label} is in its compact (deploy) form but the checkpoint holds its expanding (training) form '
-                f'({prefix}expand.weight, ...): load it into the training config\'s model (then compact it with '
-                f'tools/deploy.py or mdplug.compact), or drop --deployed / mdplug.Compacted')
-        return
-    if not compact:
-        return
-    if _is_maconv(layer) and layer.act is not None:
+    if layer.deploy and expanding:
         raise CheckpointFormError(
-            f"{label} has act={layer.act!r}, so no compact form, but the checkpoint holds a plain conv's weight "
-            f"for it (a static model's checkpoint?): load it into the static config's model")
+            f'{label} is in its compact (deploy) form but the checkpoint holds its expanding (training) form '
+            f'({prefix}expand.weight, ...): load it into the training config\'s model (then compact it with '
+            f'tools/deploy.py or mdplug.compact), or drop --deployed / mdplug.Compacted')
+    if plain and not (layer.deploy and _is_maconv(layer)):
+        what = ('a compact MAConv checkpoint (tools/deploy.py, reparameterize_model.py: the static model\'s) or a '
+                'static model\'s, which cannot be told apart' if _is_maconv(layer) else 'a static model\'s checkpoint')
+        raise CheckpointFormError(
+            f"{label} received a plain conv's state ({prefix}weight): {what}. Load it into the static model (the "
+            f"config without mdplug.Converted / conv_cfg)"
+            + (' or into the compact model (tools/test.py --deployed, mdplug.Compacted)' if _is_maconv(layer) else '')
+            + f"; to train {type(layer).__name__} from static weights, load them before converting "
+              f"(init_cfg=dict(type='Pretrained', ...) on the inner backbone of mdplug.Converted)")
+    if layer.deploy or not multi:
+        return
     _switch_for(layer, keys, label)
     _check_complete(layer, state_dict, prefix, keys, label)
 
@@ -118,18 +116,6 @@ def _switch_for(layer: nn.Module, keys: List[str], label: str) -> None:
     layer.train(training)
     if SWITCHED not in layer.__dict__:
         layer.__dict__[SWITCHED] = layer.register_forward_pre_hook(_refuse_stale_training).id
-    if _is_maconv(layer):
-        # the checkpoint's conv decides whether there is a bias (a fused bias folded into the next BN is absent)
-        if 'bias' not in keys:
-            layer.register_parameter('bias', None)
-        elif layer.bias is None:
-            layer.bias = nn.Parameter(layer.weight.new_zeros(layer.out_channels))
-        warnings.warn(
-            f'{label} received a plain conv\'s weight (a compact checkpoint of tools/deploy.py, or a static '
-            f'model\'s): the layer became that conv (its compact form) and computes exactly the checkpoint\'s '
-            f'model, but no longer trains in the expanding form. To train MAConv starting from static weights, '
-            f'load them into the static backbone before converting (init_cfg=dict(type=\'Pretrained\', ...) on '
-            f'the inner backbone of mdplug.Converted, or mdplug.convert after loading)', stacklevel=4)
 
 
 def _check_complete(layer: nn.Module, state_dict: Dict[str, Tensor], prefix: str, keys: List[str],
