@@ -84,7 +84,8 @@ def test_get_model_and_init_model_on_a_compact_checkpoint_are_the_compact_model(
 
 def test_the_inferencer_on_a_compact_checkpoint_predicts_what_the_trained_model_does(checkpoints):
     _, train, compact = checkpoints['mdconv']
-    pictures = [img.transpose(1, 2, 0).astype(np.uint8)[2:30, 2:30] for img in images(4)]  # 28x28x1, padded by the config
+    # 28x28x1 pictures, which the config's pipeline pads to 32x32
+    pictures = [img.transpose(1, 2, 0).astype(np.uint8)[2:30, 2:30] for img in images(4)]
     ours = ImageClassificationInferencer(config('mdconv'), pretrained=compact, device='cpu')(pictures)
     theirs = ImageClassificationInferencer(config('mdconv'), pretrained=train, device='cpu')(pictures)
     for a, b in zip(ours, theirs):

@@ -11,7 +11,9 @@ Importing this module (``custom_imports=dict(imports=['mdplug.mmpretrain'])``) r
   and the transform ``CenterPad``;
 - the hook ``TemperatureAnnealHook`` and the optimizer wrapper ``CPUAmpOptimWrapper`` (``--amp`` without CUDA);
 - the few non-tensor globals of mmengine checkpoints as safe for ``torch.load``'s ``weights_only`` default
-  (:func:`~mdplug.mmpretrain.runtime.allow_mmengine_checkpoints`), so mmpretrain's own tools read them.
+  (:func:`~mdplug.mmpretrain.runtime.allow_mmengine_checkpoints`), so mmpretrain's own tools read them;
+- mmengine FLOP-counter handles for the compact layers' products (:mod:`~mdplug.mmpretrain.complexity`), and
+  ``switch_to_deploy()`` on every backbone that holds mdplug layers (``reparameterize_model.py``'s convention).
 """
 from .layers import LAYER_TYPES, register_layers
 from .transform import Compacted, Converted, compact_classifier, reset_mdplug_layers, unwrap_converted
@@ -21,7 +23,7 @@ from .datasets import (SVHN, CenterPad, FashionMNISTIDX, LocalCIFAR10, LocalCIFA
                        per_class_indices)
 from .hooks import TemperatureAnnealHook
 from .optim import CPUAmpOptimWrapper
-from .complexity import register_complexity_handles
+from .complexity import register_complexity_handles  # noqa: F401 - registers mmengine FLOP handles
 from .runtime import allow_mmengine_checkpoints
 
 allow_mmengine_checkpoints()
