@@ -61,3 +61,11 @@ def test_a_layer_that_switched_while_loading_refuses_a_training_step_until_accep
     inferred.load_state_dict(compact.state_dict())
     inferred.eval()(torch.randn(1, 8, 4, 4))  # inference first: the guard goes
     inferred.train()(torch.randn(2, 8, 4, 4))
+
+
+def test_a_compact_layer_refuses_a_partial_compact_state():
+    state = MDConv2d(8, 12, 1, m=5, deploy=True).state_dict()
+    del state['weight2']
+    with pytest.raises(CheckpointFormError, match=r"MDConv2d '<root>': the checkpoint holds a compact form that does "
+                                                  r"not match this layer \(weight2 is missing\)"):
+        MDConv2d(8, 12, 1, m=5, deploy=True).load_state_dict(state, strict=False)

@@ -76,9 +76,10 @@ def adopt_checkpoint_form(layer: nn.Module, state_dict: Dict[str, Tensor], prefi
             + (' or into the compact model (tools/test.py --deployed, mdplug.Compacted)' if _is_maconv(layer) else '')
             + f"; to train {type(layer).__name__} from static weights, load them before converting "
               f"(init_cfg=dict(type='Pretrained', ...) on the inner backbone of mdplug.Converted)")
-    if layer.deploy or not multi:
+    if not multi:
         return
-    _switch_for(layer, keys, label)
+    if not layer.deploy:
+        _switch_for(layer, keys, label)
     _check_complete(layer, state_dict, prefix, keys, label)
 
 
