@@ -5,7 +5,8 @@
 - Dynamic kinds (MDConv, DYConv, DCD, SE): OUT holds the compact model; evaluate it with
   ``tools/test.py CONFIG OUT --deployed``.
 
-The compact model's logits are checked against the expanding model's on a random batch before OUT is written.
+The compact model's logits are checked against the expanding model's on a random batch of the config's input
+shape (:func:`mdplug.mmpretrain.runtime.input_shape_and_source`, or ``--shape C H W``) before OUT is written.
 """
 import argparse
 import os.path as osp
@@ -25,6 +26,8 @@ def parse_args():
     parser.add_argument('out', help='where to write the compact checkpoint')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
     parser.add_argument('--atol', type=float, default=1e-3, help='tolerated logit difference (default 1e-3)')
+    parser.add_argument('--shape', type=int, nargs=3, metavar=('C', 'H', 'W'),
+                        help='input shape of the check batch (default: from the config)')
     return parser.parse_args()
 
 
@@ -34,10 +37,25 @@ def main():
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    expanding, deployed, static = runtime.deploy(cfg, args.config, args.checkpoint)
+    try:
+        shape, where = (tuple(args.shape), '--shape') if args.shape else runtime.input_shape_and_source(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    form = runtime.checkpoint_form(*runtime.read_checkpoint(args.checkpoint))
+    if form in ('compact', 'static'):
+        raise SystemExit(f'{args.checkpoint} is already a {form} checkpoint (tools/deploy.py output); deploy the '
+                         f'training checkpoint it came from, or evaluate this one with tools/test.py')
+    try:
+        expanding, deployed, static = runtime.deploy(cfg, args.config, args.checkpoint)
+    except ValueError as e:  # another model's checkpoint; a layer without a compact form (MAConv act='relu')
+        raise SystemExit(f'tools/deploy.py {args.config}: {e}') from e
     compact = static if static is not None else deployed
 
-    inputs = torch.randn(4, *runtime.input_shape(cfg))
+    try:
+        runtime.check_input_shape(expanding, shape, where, args.config)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    inputs = torch.randn(4, *shape)
     diff = runtime.max_output_difference(expanding, compact, inputs)
     logger.info(f'max |logits(expanding) - logits(compact)| = {diff:.3g} on a random batch')
     if diff > args.atol:

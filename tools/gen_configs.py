@@ -304,6 +304,28 @@ Train with `tools/dist_train.sh CONFIG GPUS` (ImageNet: 4 GPUs x 64 images; CIFA
 4 GPUs x 32 images, i.e. the paper's total batch of 256 / 128), evaluate with `tools/test.py CONFIG CHECKPOINT`,
 compact with `tools/deploy.py CONFIG CHECKPOINT OUT`, count parameters and MACs with `tools/analysis.py CONFIG`.
 Point a config at its data with `--data-root DIR`. The percentages are the paper's.
+
+## Two routes to a converted network
+
+- **`mdplug.Converted`** (every config here): build a backbone, then convert the convs that `select` picks
+  (`'pointwise'`, `'spatial'`, `'all'`; the stem and head kept), e.g. the paper's MobileNetV2 with MDConv:
+
+  ```python
+  model = dict(backbone=dict(type='mdplug.Converted', backbone=dict(type='MobileNetV2', widen_factor=1.0),
+                             kind='mdconv', select='pointwise', input_shape=(3, 224, 224), m=20))
+  ```
+
+- **`conv_cfg=dict(type='MDConv2d', m=20)`** on a backbone that builds its convs with `build_conv_layer`: every
+  conv it builds that way becomes the layer. That fits backbones whose convs are all dense (ResNet:
+  `dict(type='ResNet', depth=18, conv_cfg=dict(type='MAConv2d'))`, which also converts the stem and the
+  downsample shortcuts, unlike Table 2's `select='spatial'` configs). MobileNetV2, ShuffleNetV2, MobileNetV2-CIFAR
+  and SmallNet have depthwise convs, which the layers do not take (`groups=... is not supported`): use
+  `mdplug.Converted(select='pointwise')` for them, as the configs here do.
+
+Either way the model trains with `tools/train.py`, and `tools/deploy.py`, mmpretrain's own
+`tools/model_converters/reparameterize_model.py` (every backbone holding mdplug layers has `switch_to_deploy()`)
+and `tools/test.py` take it; a compact MDConv / DCD checkpoint loads into the training config, a compact MAConv
+one into the static config (see the README, "Using a trained checkpoint in mmpretrain").
 """
 
 

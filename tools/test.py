@@ -1,7 +1,10 @@
 """Evaluate a checkpoint: ``python tools/test.py CONFIG CHECKPOINT [--deployed] [--data-root DIR] ...``.
 
-``--deployed`` evaluates a compact checkpoint of ``tools/deploy.py`` (the model is built, compacted, then loaded).
-A static checkpoint that ``tools/deploy.py`` wrote for an MAConv config is evaluated with the static config.
+CHECKPOINT may hold either form of CONFIG's model: a training (expanding) checkpoint, or a compact one of
+``tools/deploy.py`` / mmpretrain's ``reparameterize_model.py``. A compact checkpoint (``meta['mdplug_form']`` or
+its keys) is loaded into the compact model (``mdplug.Compacted``), as ``--deployed`` asks; ``--deployed`` builds the
+compact model whatever the checkpoint says (a MAConv output of ``reparameterize_model.py`` has the keys of a static
+model and the training checkpoint's meta) and refuses a training checkpoint.
 """
 import argparse
 import os
@@ -17,7 +20,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Evaluate a classifier (mdplug + mmpretrain)')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--deployed', action='store_true', help='CHECKPOINT is compact (tools/deploy.py)')
+    parser.add_argument('--deployed', action='store_true',
+                        help='build the compact model before loading (CHECKPOINT from tools/deploy.py); without it '
+                             'the form is read from CHECKPOINT')
     parser.add_argument('--work-dir', help='where the evaluation log goes')
     parser.add_argument('--out', help='dump the metrics to this json file')
     parser.add_argument('--data-root', help='data_root of every dataloader of the config')
@@ -33,8 +38,19 @@ def main():
     args = parse_args()
     cfg = Config.fromfile(args.config)
     runtime.apply_common_args(cfg, args)
-    if args.deployed:
+    state, meta = runtime.read_checkpoint(args.checkpoint)
+    form = runtime.checkpoint_form(state, meta)
+    if args.deployed and form == 'expanding':
+        raise SystemExit(f'{args.checkpoint} holds the training (expanding) form of the model, not a compact one: '
+                         f'drop --deployed (or compact it first: tools/deploy.py {args.config} {args.checkpoint} OUT)')
+    deployed = args.deployed or form in ('compact', 'static')  # the form the checkpoint's meta or keys say
+    if deployed:
         cfg.model = dict(type='mdplug.Compacted', model=cfg.model)
+        hint = ('drop --deployed if CHECKPOINT is a training checkpoint' if args.deployed else
+                f'CHECKPOINT says it holds the {form} form, but it does not fit the compact model of the config')
+    else:
+        hint = 'if CHECKPOINT is compact (tools/deploy.py, reparameterize_model.py), use --deployed'
+
     cfg.load_from, cfg.resume = None, False  # loaded strictly below, not by the Runner
     runtime.fix_dataloaders(cfg)
     runtime.setup_distributed(cfg, args.launcher)
@@ -42,7 +58,9 @@ def main():
     runtime.allow_mmengine_checkpoints()
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    runtime.load_strictly(model, runtime.load_state_dict(args.checkpoint), args.checkpoint, args.config)
+    runtime.load_strictly(model, state, args.checkpoint, args.config, hint)
+    if deployed and not args.deployed:
+        runner.logger.info(f'{args.checkpoint} holds the {form} form: evaluated as the compact model')
     runtime.set_trained_temperature(model, cfg)  # not in the checkpoint
     metrics = runner.test()
     if args.out and runner.rank == 0:

@@ -9,7 +9,11 @@ Importing this module (``custom_imports=dict(imports=['mdplug.mmpretrain'])``) r
 - the backbones ``MobileNetV2CIFAR`` and ``SmallNet`` and the head ``DropoutLinearClsHead``;
 - the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100``, the wrapper ``PerClassSubset``
   and the transform ``CenterPad``;
-- the hook ``TemperatureAnnealHook`` and the optimizer wrapper ``CPUAmpOptimWrapper`` (``--amp`` without CUDA).
+- the hook ``TemperatureAnnealHook`` and the optimizer wrapper ``CPUAmpOptimWrapper`` (``--amp`` without CUDA);
+- the few non-tensor globals of mmengine checkpoints as safe for ``torch.load``'s ``weights_only`` default
+  (:func:`~mdplug.mmpretrain.runtime.allow_mmengine_checkpoints`), so mmpretrain's own tools read them;
+- mmengine FLOP-counter handles for the compact layers' products (:mod:`~mdplug.mmpretrain.complexity`), and
+  ``switch_to_deploy()`` on every backbone that holds mdplug layers (``reparameterize_model.py``'s convention).
 """
 from .layers import LAYER_TYPES, register_layers
 from .transform import Compacted, Converted, compact_classifier, reset_mdplug_layers, unwrap_converted
@@ -19,6 +23,10 @@ from .datasets import (SVHN, CenterPad, FashionMNISTIDX, LocalCIFAR10, LocalCIFA
                        per_class_indices)
 from .hooks import TemperatureAnnealHook
 from .optim import CPUAmpOptimWrapper
+from .complexity import register_complexity_handles  # noqa: F401 - registers mmengine FLOP handles
+from .runtime import allow_mmengine_checkpoints
+
+allow_mmengine_checkpoints()
 
 __all__ = [
     'LAYER_TYPES', 'register_layers', 'Converted', 'Compacted', 'compact_classifier', 'reset_mdplug_layers',

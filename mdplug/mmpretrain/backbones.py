@@ -1,4 +1,9 @@
-"""Backbones of the paper that mmpretrain lacks: MobileNetV2 for 32x32 inputs, and SmallNet (section 4.5)."""
+"""Backbones of the paper that mmpretrain lacks: MobileNetV2 for 32x32 inputs, and SmallNet (section 4.5).
+
+Also gives every mmpretrain backbone that holds mdplug layers (``mdplug.Converted``, ``conv_cfg=dict(type=...)``)
+the ``switch_to_deploy()`` that mmpretrain's ``tools/model_converters/reparameterize_model.py`` calls.
+"""
+import types
 from collections import OrderedDict
 
 import torch.nn as nn
@@ -7,6 +12,28 @@ from mmpretrain.models.backbones import MobileNetV2
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 from mmpretrain.models.utils import make_divisible
 from mmpretrain.registry import MODELS
+
+from .layers import LAYER_TYPES
+from .transform import compact_backbone
+
+
+class _SwitchToDeploy:
+    """``BaseBackbone.switch_to_deploy`` for backbones that hold mdplug layers (:func:`compact_backbone`).
+
+    A backbone without any has no such attribute (``hasattr`` is False, as before), so a static model still meets
+    ``reparameterize_model.py``'s own check; a backbone class with its own ``switch_to_deploy`` keeps it.
+    """
+
+    def __get__(self, backbone, owner=None):
+        if backbone is None:
+            return self
+        if not any(isinstance(m, LAYER_TYPES) for m in backbone.modules()):
+            raise AttributeError(f'{type(backbone).__name__} has no mdplug layer, so no switch_to_deploy')
+        return types.MethodType(compact_backbone, backbone)
+
+
+if 'switch_to_deploy' not in vars(BaseBackbone):
+    BaseBackbone.switch_to_deploy = _SwitchToDeploy()
 
 
 @MODELS.register_module()
@@ -37,6 +64,10 @@ class MobileNetV2CIFAR(MobileNetV2):
             conv_cfg=self.conv_cfg,
             norm_cfg=self.norm_cfg,
             act_cfg=self.act_cfg)
+
+    def switch_to_deploy(self):
+        """Compact every mdplug layer inside, in place (a static network is its own compact form)."""
+        compact_backbone(self)
 
 
 @MODELS.register_module()
@@ -85,6 +116,10 @@ class SmallNet(BaseBackbone):
             self.layers.append(f'layer{i + 1}')
             p = q
         self.out_channels = p
+
+    def switch_to_deploy(self):
+        """Compact every mdplug layer inside, in place (a static network is its own compact form)."""
+        compact_backbone(self)
 
     @staticmethod
     def scaled(channels, widen_factor):

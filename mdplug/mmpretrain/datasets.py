@@ -109,8 +109,11 @@ class FashionMNISTIDX(BaseDataset):
 
     def load_data_list(self):
         prefix = osp.join(self.data_root, self.PREFIX[self.split])
-        images = read_idx(prefix + '-images-idx3-ubyte')
-        labels = read_idx(prefix + '-labels-idx1-ubyte')
+        try:
+            images = read_idx(prefix + '-images-idx3-ubyte')
+            labels = read_idx(prefix + '-labels-idx1-ubyte')
+        except FileNotFoundError as e:  # e.g. an existing but empty data_root
+            raise FileNotFoundError(f'FashionMNISTIDX: {e} in data_root {self.data_root!r}; {self.HINT}') from e
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f'FashionMNISTIDX: {images.shape[0]} images but {labels.shape[0]} labels in '
                              f'{self.data_root}')
@@ -119,6 +122,20 @@ class FashionMNISTIDX(BaseDataset):
 
 def _without_md5(entries):
     return [[name, None] for name, _ in entries]
+
+
+def _load_local_cifar(dataset, base):
+    """mmpretrain's CIFAR ``load_data_list``; a folder without the batch files says what to put there (its own
+    message suggests ``download=True``, which these classes never do)."""
+    try:
+        return base.load_data_list(dataset)
+    except RuntimeError as e:
+        if 'Cannot find' not in str(e):
+            raise
+        raise FileNotFoundError(
+            f'{type(dataset).__name__}: no {dataset.base_folder}/ with the pickled batches in data_root '
+            f'{dataset.data_root!r}; put the python-version CIFAR batch files there (or use {base.__name__} with '
+            f'download=True)') from e
 
 
 @DATASETS.register_module()
@@ -134,6 +151,9 @@ class LocalCIFAR10(CIFAR10):
         kwargs['download'] = False
         super().__init__(data_root=data_root, split=split, **kwargs)
 
+    def load_data_list(self):
+        return _load_local_cifar(self, CIFAR10)
+
 
 @DATASETS.register_module()
 class LocalCIFAR100(CIFAR100):
@@ -146,6 +166,9 @@ class LocalCIFAR100(CIFAR100):
     def __init__(self, data_root='', split='train', **kwargs):
         kwargs['download'] = False
         super().__init__(data_root=data_root, split=split, **kwargs)
+
+    def load_data_list(self):
+        return _load_local_cifar(self, CIFAR100)
 
 
 def per_class_indices(labels, fraction, seed=0):

@@ -34,32 +34,69 @@ def allow_mmengine_checkpoints():
         [HistoryBuffer, np.ndarray, np.dtype, *dtype_classes, multiarray._reconstruct, multiarray.scalar, getattr])
 
 
-def load_state_dict(path):
-    """The ``state_dict`` of an mmengine checkpoint (or of a bare state dict), without DDP's ``module.`` prefix."""
+def read_checkpoint(path):
+    """``(state_dict, meta)`` of an mmengine checkpoint (or of a bare state dict), without DDP's ``module.``."""
     from mmengine.runner.checkpoint import _load_checkpoint
 
     allow_mmengine_checkpoints()
     checkpoint = _load_checkpoint(path, map_location='cpu')
     state = checkpoint.get('state_dict', checkpoint)
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}, meta
 
 
-def load_strictly(model: nn.Module, state: dict, checkpoint: str, config: str):
-    """Load ``state`` into ``model``; a checkpoint of another model fails with the keys that differ."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f'{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-                  for k in own if k in state and hasattr(state[k], 'shape') and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f'{checkpoint} is not a checkpoint of the model of {config}:']
-        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                            ('shape mismatches', mismatched)):
+def load_state_dict(path):
+    """The ``state_dict`` of an mmengine checkpoint (or of a bare state dict), without DDP's ``module.`` prefix."""
+    return read_checkpoint(path)[0]
+
+
+#: the forms a checkpoint of a config can hold (``meta['mdplug_form']`` of ``tools/deploy.py``, else its keys)
+FORMS = ('expanding', 'compact', 'static')
+
+
+def checkpoint_form(state, meta=None):
+    """``'compact'``, ``'static'`` (``tools/deploy.py``'s MAConv output) or ``'expanding'``, or None when the keys
+    do not tell (a static model, or DYConv / SE, whose two forms have the same keys).
+
+    ``meta['mdplug_form']`` decides when present; otherwise compact MDConv / DCD layers hold ``weight1`` and
+    expanding MDConv / MAConv / DCD layers ``expand.weight`` (mmpretrain's ``reparameterize_model.py`` keeps the
+    training checkpoint's meta).
+    """
+    form = (meta or {}).get('mdplug_form')
+    if form in FORMS:
+        return form
+    if any(k.endswith('.weight1') for k in state):
+        return 'compact'
+    if any(k.endswith('.expand.weight') for k in state):
+        return 'expanding'
+    return None
+
+
+def load_strictly(model: nn.Module, state: dict, checkpoint: str, config: str, hint: str = ''):
+    """Load ``state`` into ``model``; a checkpoint of another model fails with the keys that differ.
+
+    mdplug layers adopt the checkpoint's form while loading (:mod:`mdplug.nn._state`): an expanding model takes a
+    compact checkpoint and becomes the compact model. ``hint`` ends the error message.
+    """
+    from mdplug.nn._state import CheckpointFormError
+
+    head = f'{checkpoint} is not a checkpoint of the model of {config}:'
+    tail = f'\n  {hint}' if hint else ''
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except CheckpointFormError as e:
+        raise ValueError(f'{head}\n  {e}{tail}') from e
+    except RuntimeError as e:  # shape mismatches
+        lines = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
+        shown = '\n    '.join(lines[:5]) + ('\n    ...' if len(lines) > 5 else '')
+        raise ValueError(f'{head}\n  {len(lines)} shape mismatches:\n    {shown}{tail}') from e
+    if result.missing_keys or result.unexpected_keys:
+        lines = [head]
+        for title, keys in (('missing keys', result.missing_keys), ('unexpected keys', result.unexpected_keys)):
             if keys:
                 shown = ', '.join(keys[:5]) + (', ...' if len(keys) > 5 else '')
                 lines.append(f'  {len(keys)} {title}: {shown}')
-        raise ValueError('\n'.join(lines))
-    model.load_state_dict(state, strict=True)
+        raise ValueError('\n'.join(lines) + tail)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -170,9 +207,68 @@ def set_trained_temperature(model, cfg):
     return TemperatureAnnealHook.set_temperature(model, float(hooks[-1].get('end', 1.0)))
 
 
+SHAPE_FIX = ('set input_shape=(C, H, W) at the top of the config (or in its mdplug.Converted backbone), or pass '
+             '--shape')
+
+
+#: transform type -> (its size key, whether a pair is (w, h)) of the transforms that fix the image size
+SIZING = {'CenterCrop': ('crop_size', True), 'Resize': ('scale', True), 'RandomCrop': ('crop_size', False),
+          'RandomResizedCrop': ('scale', False), 'CenterPad': ('size', False), 'ResizeEdge': (None, False)}
+
+
+def _pipeline_size(pipeline):
+    """``(H, W)`` the last sizing transform of a test pipeline gives, else None."""
+    size = None
+    for t in pipeline or []:
+        key, wh = SIZING.get(t.get('type'), ('', False))
+        if key is None:  # ResizeEdge: the other side depends on the image
+            size = None
+        elif key and t.get(key) is not None:
+            value = t[key]
+            size = (value, value) if isinstance(value, int) else (value[1], value[0]) if wh else tuple(value)
+    return size
+
+
+def input_shape_and_source(cfg):
+    """``((C, H, W), where)`` of the images the config's model reads, or ValueError naming the options.
+
+    In order: the ``input_shape`` of an ``mdplug.Converted`` backbone, the config's top-level ``input_shape``
+    (the dataset base configs of ``configs/`` set it), or the test pipeline's last crop / resize / pad with the
+    channels of the data preprocessor's ``mean``.
+    """
+    backbone = cfg.model.get('backbone') if isinstance(cfg.model, dict) else None
+    if isinstance(backbone, dict) and backbone.get('type') == CONVERTED and backbone.get('input_shape'):
+        return tuple(backbone['input_shape']), 'model.backbone.input_shape (mdplug.Converted)'
+    if cfg.get('input_shape'):
+        return tuple(cfg.input_shape), 'input_shape of the config'
+    preprocessor = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
+    loader = cfg.get('test_dataloader') or cfg.get('val_dataloader') or {}
+    dataset = loader.get('dataset') or {}
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    size = _pipeline_size(dataset.get('pipeline'))
+    if size is not None and preprocessor.get('mean') is not None:
+        return (len(preprocessor['mean']), *size), 'the test pipeline and data_preprocessor.mean'
+    raise ValueError(f'the input shape of the model cannot be told from the config (no input_shape, and no fixed '
+                     f'crop size in the test pipeline with a data_preprocessor mean); {SHAPE_FIX}')
+
+
 def input_shape(cfg):
-    """``(C, H, W)`` of the config's images (``input_shape`` of the dataset base config; ImageNet by default)."""
-    return tuple(cfg.get('input_shape', (3, 224, 224)))
+    """``(C, H, W)`` of the config's images (:func:`input_shape_and_source`)."""
+    return input_shape_and_source(cfg)[0]
+
+
+def check_input_shape(model, shape, where, config):
+    """Run ``model`` once on a ``shape`` input; an input it cannot take is an error naming the shape's source."""
+    with torch.no_grad():
+        try:
+            model(torch.zeros(1, *shape))
+        except RuntimeError as e:
+            first = next((m for m in model.modules() if isinstance(m, nn.Conv2d) or isinstance(m, LAYER_TYPES)),
+                         None)
+            expects = f' (its first conv takes {first.in_channels} channels)' if first is not None else ''
+            raise ValueError(f'{config}: the model{expects} does not run on a {"x".join(map(str, shape))} input '
+                             f'(from {where}): {" ".join(str(e).split())[:200]}; {SHAPE_FIX}') from e
 
 
 # --------------------------------------------------------------------------------------------------- models

@@ -79,8 +79,13 @@ def compact_part(part: nn.Module) -> nn.Module:
     ``mdplug.compact`` folds a fused MAConv bias into the BN that reads the conv's output when torch.fx shows that
     BN is its only user. Backbones that do not trace (ShuffleNetV2: ``x.size()`` unpacking, ``chunk``) leave the
     graph unknown; there a conv that is the ``conv`` of an mmcv ``ConvModule`` still feeds only the module's BN, so
-    the bias is folded into that BN here. Any other kept bias is reported as ``mdplug.compact`` reports it.
+    the bias is folded into that BN here. Layers that a ``conv_cfg=dict(type=...)`` built stand for a conv with
+    their own ``bias`` flag (``ConvModule`` and ResNet build convs before a norm without one), so their fused bias
+    is folded the same way. Any other kept bias is reported as ``mdplug.compact`` reports it.
     """
+    for layer in part.modules():  # a conv_cfg-built layer stands for a conv built with its own bias flag
+        if isinstance(layer, LAYER_TYPES) and not hasattr(layer, ORIG_BIAS_ATTR) and hasattr(layer, 'use_bias'):
+            setattr(layer, ORIG_BIAS_ATTR, layer.use_bias)
     pending = {}
     for name, module in part.named_modules():
         if isinstance(module, ConvModule) and isinstance(module.conv, LAYER_TYPES) \
@@ -97,6 +102,12 @@ def compact_part(part: nn.Module) -> nn.Module:
         if note.split(':', 1)[0] not in fixed:
             warnings.warn(note, stacklevel=2)
     return part
+
+
+def compact_backbone(backbone: nn.Module) -> None:
+    """``backbone.switch_to_deploy()``, mmpretrain's re-parameterisation convention (``reparameterize_model.py``):
+    every mdplug layer inside becomes its compact form, in place (:func:`compact_part`, MAConv biases folded)."""
+    compact_part(backbone)
 
 
 def compact_classifier(model: nn.Module) -> nn.Module:

@@ -163,7 +163,10 @@ class ConvBase(nn.Module):
             raise ValueError(f"{name}: padding_mode={padding_mode!r} is not supported, only 'zeros'")
         if groups != 1 and not self.supports_groups:
             raise ValueError(f'{name}: groups={groups} is not supported (the multi-layer branch needs a dense '
-                             f'W1 and W2); convert only convs with groups=1')
+                             f'W1 and W2); convert only convs with groups=1: mdplug.convert(model, select='
+                             f"'pointwise') or, in an mmpretrain config, backbone=dict(type='mdplug.Converted', "
+                             f"backbone=..., kind=..., select='pointwise') instead of conv_cfg=dict(type="
+                             f"'{name}'), which reaches every conv of the backbone, depthwise ones included")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f'{name}: in_channels={in_channels} and out_channels={out_channels} must be '
                              f'divisible by groups={groups}')

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fusion
-from . import _fused
+from . import _fused, _state
 from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
                       channel_rows, is_channels_last, kaiming_conv_init_, member, tracing_for_export)
 
@@ -86,6 +86,11 @@ class MultiLayerConv(ConvBase):
         for b in (self.bias, self.bias1):
             if b is not None:
                 conv_bias_init_(b, fan_in)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a compact checkpoint switches an expanding layer to its compact form first (mdplug.nn._state)
+        _state.adopt_checkpoint_form(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         """Re-initialise like freshly built (called by mmpretrain-style ``init_weights``)."""
