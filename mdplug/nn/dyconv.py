@@ -86,7 +86,7 @@ class DYConv2d(ConvBase):
 
     def set_temperature(self, t: float) -> None:
         """Set the softmax temperature T (annealed from 30 towards 1 in DYConv's recipe)."""
-        self.attention.temperature = float(t)
+        self.attention.assign_temperature(t)
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
         """π(x), (B, K)."""

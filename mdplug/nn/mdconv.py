@@ -127,4 +127,4 @@ class MDConv2d(MultiLayerConv):
 
     def set_temperature(self, t: float) -> None:
         """Set the attention's softmax/sigmoid temperature (for annealing schedules)."""
-        self.attention.temperature = float(t)
+        self.attention.assign_temperature(t)
