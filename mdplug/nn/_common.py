@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.modules import module as _module_impl
 
 _size_2 = Union[int, Tuple[int, int]]
@@ -382,6 +383,8 @@ class Attention(nn.Module):
             self._remember_temperature(known)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: no branch on the input (mean is the same GAP)
+            return self._gate(self.fc2(F.relu(self.fc1(x.mean((2, 3))))) / self.temperature)
         return self.coefficients(x, tracing_for_export())
 
     def coefficients(self, x: Tensor, tracing: bool) -> Tensor:
@@ -406,6 +409,9 @@ class Attention(nn.Module):
             t = self._temperature_divisor()
             if type(t) is not float or t != 1.0:
                 z = z / t
+        return self._gate(z)
+
+    def _gate(self, z: Tensor) -> Tensor:
         if self.gate == 'sigmoid':
             return torch.sigmoid(z)
         if self.gate == 'softmax':
