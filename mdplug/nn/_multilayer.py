@@ -258,6 +258,19 @@ class MultiLayerConv(ConvBase):
         :meth:`_compact_symbolic`."""
         return self._compact_symbolic(x) if self.deploy else self._expanding_modules(x, self._mix_symbolic)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in place of this layer: the compact form's TorchScript twin
+        (:mod:`~mdplug.nn._script`, same parameters); the expanding form refuses."""
+        from . import _script
+        if not self.deploy:
+            raise _script.not_scriptable(self, 'is in its expanding (training) form, which has no TorchScript '
+                                               'version; compact the model first (mdplug.compact(model) or '
+                                               'timm.utils.reparameterize_model(model)) to script it')
+        return self._scriptable_compact()
+
+    def _scriptable_compact(self) -> nn.Module:  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def _mix_symbolic(self, h: Tensor, x: Tensor) -> Tensor:
         return self._mix(h, x)
 

@@ -51,6 +51,10 @@ class DCDConv2d(MDConv2d):
         """``Φ(x)·h`` on NCHW semantics (no layout read, for torch.fx)."""
         return torch.einsum('bnm,bmhw->bnhw', self.dynamic_coefficients(x), h)
 
+    def _scriptable_compact(self):
+        from ._script import ScriptedDynamicCompact
+        return ScriptedDynamicCompact(self, full=True)
+
     def _left(self, phi: Tensor) -> Tensor:
         """``W2'·Φ(x)``, (B, q, m)."""
         return torch.matmul(member(self, 'weight2').reshape(self.out_channels, self.m), phi)

@@ -124,6 +124,11 @@ class DYConv2d(ConvBase):
             return torch.einsum('bk,bnkq->bnq', pi, rows).view(b, oh, ow, q).permute(0, 3, 1, 2)
         return torch.einsum('bk,bkqhw->bqhw', pi, y.unflatten(1, (k, q)))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in place of this layer: its TorchScript twin (same parameters)."""
+        from . import _script
+        return _script.ScriptedDYConv(self)
+
     def switch_to_deploy(self) -> None:
         """DYConv has no training-only branches: marks the layer deployed, changes nothing else."""
         self.deploy = True

@@ -114,5 +114,9 @@ class MAConv2d(MultiLayerConv):
 
     _compact_symbolic = forward_compact
 
+    def _scriptable_compact(self) -> nn.Module:
+        from . import _script
+        return _script.shared_conv(self)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (f', act={self.act!r}' if self.act else '')
