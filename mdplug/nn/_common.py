@@ -336,10 +336,15 @@ class Attention(nn.Module):
 
     def _temperature_divisor(self) -> Union[float, Tensor]:
         """The temperature for an eager forward: the remembered float, a CPU buffer's value, or the buffer."""
-        value = self._known_temperature()
-        if value is not None:
-            return value
-        buf = self.__dict__['_buffers']['temperature']
+        d = self.__dict__
+        buf = d['_buffers']['temperature']
+        seen = d.get('_temperature_seen')
+        if seen is not None and seen[0] is buf:  # (:meth:`_known_temperature`, inlined: every forward asks)
+            try:
+                if seen[1] == buf._version:
+                    return seen[2]
+            except RuntimeError:  # inference tensor
+                pass
         if buf.device.type == 'cpu':
             value = float(buf)
             self._remember_temperature(value)
