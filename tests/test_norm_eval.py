@@ -97,6 +97,25 @@ def test_mmpretrain_norm_eval_keeps_running_statistics_and_uses_them(name):
     assert not all(torch.equal(v, before[k]) for k, v in _bn_state(model).items() if 'expand_bn' in k)
 
 
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_bns_without_running_statistics_use_batch_statistics_in_either_mode(mode):
+    """``track_running_stats=False``: nn.BatchNorm2d normalises by the batch's statistics in train and eval mode;
+    the fused path does not take such BNs, the plain path calls them."""
+    layer = MDConv2d(8, 24, 1, m=6).double().train()
+    for bn in (layer.expand_bn, layer.project_bn):
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+        bn.train(mode == 'train')
+    assert not layer._use_fused_tail()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    y, grads = _step(layer, x)
+    y_ref, grads_ref = _step(_plain(layer), x)
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    reference = nn.BatchNorm2d(24, track_running_stats=False).double()
+    z0 = layer.expand(x)[:, :24]
+    assert not torch.allclose(y, reference(z0))  # (the dynamic branch adds to BN0's output)
+
+
 def test_fused_path_still_runs_when_bns_train():
     layer = MDConv2d(8, 24, 1, m=6).train()
     assert layer._use_fused_tail()
