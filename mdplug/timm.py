@@ -6,14 +6,20 @@ convs of its residual blocks replaced) and every kind in :data:`mdplug.nn.LAYERS
 that only takes ``--model NAME`` trains the paper's variants. Keyword arguments that the layer takes (``m``,
 ``hidden_ratio``, ``num_experts``, ...) go to the layer; the rest go to the timm model.
 ``timm.utils.reparameterize_model`` turns such a model into its compact form.
+
+It also registers every mdplug layer with ``timm.layers.register_notrace_module`` (as timm does for its
+``CondConv2d``): timm's fx feature extraction (``create_feature_extractor``, ``FeatureGraphNet``,
+``features_only=True, feature_cls='fx'``) keeps them as leaf modules, which run their eager forward.
 """
 from __future__ import annotations
 
 import timm
+from timm.layers import register_notrace_module
 from timm.models import register_model
 
 from mdplug.convert._layers import layer_keywords, layers
 from mdplug.convert.passes import convert
+from mdplug.nn import MDPLUG_LAYERS
 
 __all__ = ['PAPER_ARCHS', 'registered_names']
 
@@ -47,3 +53,6 @@ for _arch, _select in PAPER_ARCHS.items():
     for _kind in layers():
         _fn = _make_entry(_arch, _kind, _select)
         globals()[_fn.__name__] = register_model(_fn)
+
+for _cls in MDPLUG_LAYERS:
+    register_notrace_module(_cls)

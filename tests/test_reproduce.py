@@ -65,14 +65,15 @@ def test_cuda_without_a_gpu_is_refused_clearly(tmp_path):
 
 
 def test_evaluation_uses_the_temperature_training_ended_with():
-    """A DYConv checkpoint does not carry the annealed temperature; tools/test.py sets the hook's ``end``."""
+    """A DYConv checkpoint written before the temperature was a buffer does not carry it; tools/test.py then sets
+    the hook's ``end``."""
     from mmengine.config import Config
 
     from mdplug.mmpretrain import runtime
 
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'fashion_mnist', 'smallnet_x1_dyconv.py'))
     model = runtime.build_model(cfg)
-    temperatures = lambda: {m.attention.temperature for m in model.modules() if hasattr(m, 'set_temperature')}  # noqa
+    temperatures = lambda: {float(m.attention.temperature) for m in model.modules() if hasattr(m, 'set_temperature')}  # noqa
     assert temperatures() == {30.0}
     assert runtime.set_trained_temperature(model, cfg) == 3
     assert temperatures() == {1.0}

@@ -58,10 +58,14 @@ def main():
     runtime.allow_mmengine_checkpoints()
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    runtime.load_strictly(model, state, args.checkpoint, args.config, hint)
+    # the softmax temperature is a buffer of the layers, saved with the weights; a checkpoint written before it was
+    # lacks it and is evaluated at the end of the config's annealing (TemperatureAnnealHook's ``end``)
+    absent = {k: v for k, v in model.state_dict().items() if k.endswith('attention.temperature') and k not in state}
+    runtime.load_strictly(model, {**state, **absent}, args.checkpoint, args.config, hint)
     if deployed and not args.deployed:
         runner.logger.info(f'{args.checkpoint} holds the {form} form: evaluated as the compact model')
-    runtime.set_trained_temperature(model, cfg)  # not in the checkpoint
+    if absent:
+        runtime.set_trained_temperature(model, cfg)
     metrics = runner.test()
     if args.out and runner.rank == 0:
         import json

@@ -9,8 +9,10 @@ class TemperatureAnnealHook(Hook):
     """Anneal the temperature linearly from ``start`` to ``end`` over the first ``epochs`` epochs, then hold ``end``.
 
     Before every training iteration it calls ``set_temperature(t)`` on every module that has that method
-    (``DYConv2d``, softmax-gated ``MDConv2d``). The temperature is a function of the iteration only, so a resumed
-    run continues the schedule where it stopped.
+    (``DYConv2d``, softmax-gated ``MDConv2d``), which writes the layers' ``attention.temperature`` buffer: the
+    value reached is saved with the weights, so a checkpoint is evaluated (mmpretrain's ``init_model``, the
+    Inferencer, ``tools/test.py``) at the temperature it was trained with. The temperature is a function of the
+    iteration only, so a resumed run continues the schedule where it stopped.
 
     ``custom_hooks = [dict(type='TemperatureAnnealHook', start=30, end=1, epochs=10)]``
     """

@@ -194,9 +194,9 @@ def teardown_distributed():
 def set_trained_temperature(model, cfg):
     """Give ``model`` the softmax temperature its training ended with: ``TemperatureAnnealHook``'s ``end``.
 
-    The temperature is a plain attribute of the layers, not a buffer, so a checkpoint does not carry it and a model
-    built from the config starts at the layers' initial temperature (DYConv: 30) -- evaluating a trained DYConv
-    there gives near-chance accuracy. Returns how many layers were set (0 when the config has no such hook). A
+    For checkpoints written before the temperature became a buffer of the layers (``attention.temperature``, saved
+    with the weights): they do not carry it, and a model built from the config starts at the layers' initial
+    temperature (DYConv: 30) -- evaluating a trained DYConv there gives near-chance accuracy. Returns how many layers were set (0 when the config has no such hook). A
     checkpoint saved before the annealing finished is evaluated at ``end`` too.
     """
     from .hooks import TemperatureAnnealHook

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.modules import module as _module_impl
 
 _size_2 = Union[int, Tuple[int, int]]
@@ -302,9 +303,96 @@ class Attention(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, out_features, device=device, dtype=dtype)
         self.gate = gate
-        self.temperature = float(temperature)
+        # model state (annealed during training, saved and loaded with the weights): a 0-dim buffer
+        self.register_buffer('temperature', torch.empty((), device=device, dtype=dtype))
+        self.assign_temperature(temperature)
+
+    def assign_temperature(self, t: float) -> None:
+        """Set the temperature buffer to ``t`` (in place, so replicas and references keep the same tensor)."""
+        buf = self.temperature
+        with torch.no_grad():
+            buf.fill_(float(t))
+        self._remember_temperature(float(t))
+
+    # The eager forward divides by a Python float: reading the buffer's value at every call would synchronise
+    # with the device.  The float is remembered with the buffer and its version counter, so any write to the
+    # buffer (load_state_dict, DDP's broadcast, an in-place edit) is noticed; until it is read again on the host
+    # (at once for a CPU buffer) the forward divides by the buffer itself, which needs no synchronisation.
+    def _remember_temperature(self, value: float) -> None:
+        """Remember ``value``, rounded to the buffer's dtype as the buffer holds it, for the current buffer."""
+        buf = self.__dict__['_buffers']['temperature']
+        try:
+            self.__dict__['_temperature_seen'] = (buf, buf._version, torch.tensor(value, dtype=buf.dtype).item())
+        except RuntimeError:  # an inference tensor has no version counter: the buffer is read at every call
+            self.__dict__.pop('_temperature_seen', None)
+
+    def _known_temperature(self) -> Optional[float]:
+        """The remembered value if the buffer is still the tensor it was remembered for, unwritten since."""
+        buf = self.__dict__['_buffers']['temperature']
+        seen = self.__dict__.get('_temperature_seen')
+        if seen is None or seen[0] is not buf:
+            return None
+        try:
+            return seen[2] if seen[1] == buf._version else None
+        except RuntimeError:  # inference tensor
+            return None
+
+    def _temperature_divisor(self) -> Union[float, Tensor]:
+        """The temperature for an eager forward: the remembered float, a CPU buffer's value, or the buffer."""
+        d = self.__dict__
+        buf = d['_buffers']['temperature']
+        seen = d.get('_temperature_seen')
+        if seen is not None and seen[0] is buf:  # (:meth:`_known_temperature`, inlined: every forward asks)
+            try:
+                if seen[1] == buf._version:
+                    return seen[2]
+            except RuntimeError:  # inference tensor
+                pass
+        if buf.device.type == 'cpu':
+            value = float(buf)
+            self._remember_temperature(value)
+            return value
+        return buf
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + 'temperature'
+        known = self._known_temperature()
+        given = state_dict.get(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if given is None:
+            # a checkpoint written before the temperature was saved with the model: the layer keeps its value
+            # (the constructor's, unless set since)
+            if key in missing_keys:
+                missing_keys.remove(key)
+            if known is not None:
+                self._remember_temperature(known)
+        elif isinstance(given, Tensor) and given.numel() == 1 and not error_msgs:
+            self._remember_temperature(float(given))  # (a checkpoint's CPU tensor; read once)
+
+    def _apply(self, fn, recurse=True):
+        known = self._known_temperature()
+        out = super()._apply(fn, recurse)
+        if known is not None:  # (``.cuda()``, ``.half()``: a new buffer holding the same value, rounded)
+            self._remember_temperature(known)
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop('_temperature_seen', None)
+        state['_temperature_value'] = self._known_temperature()
+        return state
+
+    def __setstate__(self, state):
+        known = state.pop('_temperature_value', None)
+        super().__setstate__(state)
+        if known is not None:  # (deepcopy, pickling: the copy's buffer holds the same value)
+            self._remember_temperature(known)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: no branch on the input (mean is the same GAP)
+            return self._gate(self.fc2(F.relu(self.fc1(x.mean((2, 3))))) / self.temperature)
         return self.coefficients(x, tracing_for_export())
 
     def coefficients(self, x: Tensor, tracing: bool) -> Tensor:
@@ -323,8 +411,15 @@ class Attention(nn.Module):
                          member(fc2, 'weight'), member(fc2, 'bias'))
         else:
             z = fc2(F.relu(fc1(pooled)))
-        if self.temperature != 1.0:
+        if tracing:  # (graphs read the buffer, whatever its value)
             z = z / self.temperature
+        else:
+            t = self._temperature_divisor()
+            if type(t) is not float or t != 1.0:
+                z = z / t
+        return self._gate(z)
+
+    def _gate(self, z: Tensor) -> Tensor:
         if self.gate == 'sigmoid':
             return torch.sigmoid(z)
         if self.gate == 'softmax':
@@ -336,7 +431,7 @@ class Attention(nn.Module):
         self.fc2.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f'gate={self.gate!r}, temperature={self.temperature}'
+        return f'gate={self.gate!r}, temperature={float(self.temperature):g}'
 
 
 def kaiming_conv_init_(weight: Tensor) -> None:

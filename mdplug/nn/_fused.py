@@ -76,8 +76,11 @@ def _layout(t: Tensor) -> torch.memory_format:
 
 
 def can_fuse(bn: nn.Module) -> bool:
-    """Plain affine BatchNorm2d with running statistics (the layers' own BNs, unless someone replaced them)."""
-    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.running_mean is not None
+    """Plain affine BatchNorm2d with running statistics, in train mode (the layers' own BNs, unless someone
+    replaced them).  A BN put in eval mode on its own (mmpretrain's ``norm_eval``, ``bn.eval()``) normalises by its
+    running statistics and leaves them as they are: the plain path, which calls the BN, does exactly that."""
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and bn.track_running_stats
+            and bn.running_mean is not None)
 
 
 #: dtypes the fused functions run in (their m×m statistics want at least float32; others use plain autograd)

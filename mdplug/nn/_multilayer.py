@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import fusion
 from . import _fused, _state
-from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
+from ._common import (NORMS, PATHS, ConvBase, Proxy, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
                       channel_rows, is_channels_last, kaiming_conv_init_, member, tracing_for_export)
 
 
@@ -230,12 +230,17 @@ class MultiLayerConv(ConvBase):
                 return _fused.pointwise_expanding(self._pointwise_input(x), coeff, self.expand.weight,
                                                   self.project, self.expand_bn, self.project_bn, q)
             return _fused.expanding_tail(self.expand(x), coeff, self.project, self.expand_bn, self.project_bn, q)
+        return self._expanding_modules(x, self._mix)
+
+    def _expanding_modules(self, x: Tensor, mix) -> Tensor:
+        """The expanding form through its modules (Eq. 3 / 8), ``mix(h, x)`` between BN1 and W2."""
+        q = self.out_channels
         z = self.expand(x)
         if self.norm == 'branch':
             z = self.expand_bn(z)
         # split, not two slices: its backward is one cat instead of two zero-filled full-size gradients
         z0, h = z.split([q, self.m], 1) if self.bypass else (None, z)
-        y = self.project(self._mix(h, x))
+        y = self.project(mix(h, x))
         if self.norm == 'branch':
             y = self.project_bn(y)
         if z0 is not None:
@@ -247,7 +252,41 @@ class MultiLayerConv(ConvBase):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):
+            return self.forward_symbolic(x)
         return self.forward_compact(x) if self.deploy else self.forward_expanding(x)
+
+    def forward_symbolic(self, x: Tensor) -> Tensor:
+        """The forward ``torch.fx.symbolic_trace`` records (``x`` a Proxy): one path that reads no value, shape,
+        dtype or layout of ``x`` and computes the same function as the eager forward, any batch.  Expanding form:
+        its modules (the BNs keep their train/eval behaviour in the traced graph); compact form:
+        :meth:`_compact_symbolic`."""
+        return self._compact_symbolic(x) if self.deploy else self._expanding_modules(x, self._mix_symbolic)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in place of this layer: the compact form's TorchScript twin
+        (:mod:`~mdplug.nn._script`, same parameters); the expanding form refuses."""
+        from . import _script
+        if not self.deploy:
+            raise _script.not_scriptable(self, 'is in its expanding (training) form, which has no TorchScript '
+                                               'version; compact the model first (mdplug.compact(model) or '
+                                               'timm.utils.reparameterize_model(model)) to script it')
+        return self._scriptable_compact()
+
+    def _scriptable_compact(self) -> nn.Module:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _mix_symbolic(self, h: Tensor, x: Tensor) -> Tensor:
+        return self._mix(h, x)
+
+    def _compact_symbolic(self, x: Tensor) -> Tensor:
+        """Eq. 6–7 without forming a kernel, ``W0'⊛x + b' + left·(W1'⊛x + b1')`` with ``left = W2'·A(x)`` (MDConv)
+        or ``W2'·Φ(x)`` (DCD), (B, q, m): the factorized path, on NCHW semantics."""
+        left = self._left(self.dynamic_coefficients(x))
+        y = torch.einsum('bqm,bmhw->bqhw', left, self._conv(x, self.weight1, self.bias1))
+        if self.weight is not None:
+            return y + self._conv(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def forward_compact(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -47,6 +47,14 @@ class DCDConv2d(MDConv2d):
         """``Φ(x)·h`` for h (B, m, H, W), in h's layout."""
         return channel_matmul(phi, h)
 
+    def _mix_symbolic(self, h: Tensor, x: Tensor) -> Tensor:
+        """``Φ(x)·h`` on NCHW semantics (no layout read, for torch.fx)."""
+        return torch.einsum('bnm,bmhw->bnhw', self.dynamic_coefficients(x), h)
+
+    def _scriptable_compact(self):
+        from ._script import ScriptedDynamicCompact
+        return ScriptedDynamicCompact(self, full=True)
+
     def _left(self, phi: Tensor) -> Tensor:
         """``W2'·Φ(x)``, (B, q, m)."""
         return torch.matmul(member(self, 'weight2').reshape(self.out_channels, self.m), phi)

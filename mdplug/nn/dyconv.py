@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import (PATHS, Attention, ConvBase, _check_choice, _copy_param, conv_bias_init_, is_channels_last,
-                      kaiming_conv_init_, tracing_for_export)
+from ._common import (PATHS, Attention, ConvBase, Proxy, _check_choice, _copy_param, conv_bias_init_,
+                      is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
 class DYConv2d(ConvBase):
@@ -86,7 +86,7 @@ class DYConv2d(ConvBase):
 
     def set_temperature(self, t: float) -> None:
         """Set the softmax temperature T (annealed from 30 towards 1 in DYConv's recipe)."""
-        self.attention.temperature = float(t)
+        self.attention.assign_temperature(t)
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
         """π(x), (B, K)."""
@@ -100,23 +100,34 @@ class DYConv2d(ConvBase):
         return fusion.dyconv_kernel_bias(self.experts, self.bias, self.dynamic_coefficients(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: the factorized path, no shape or layout read
+            return self._factorized(x, self.dynamic_coefficients(x), symbolic=True)
         pi = self.dynamic_coefficients(x)
         # while tracing for export, a k×k per-sample conv (groups=B) would bake the batch into the graph
         if self.path == 'factorized' or (not self.per_sample_conv_is_batch_agnostic() and tracing_for_export()):
-            k, q = self.num_experts, self.out_channels
-            bias = None if self.bias is None else self.bias.reshape(-1)
-            experts = self.experts
-            y = self._conv(x, experts.reshape((k * q,) + tuple(experts.shape[2:])), bias, self.groups
-                           ) if self.groups == 1 else torch.cat(
-                [self._conv(x, experts[i], None if self.bias is None else self.bias[i], self.groups)
-                 for i in range(k)], 1)
-            b, _, oh, ow = y.shape
-            if is_channels_last(y):  # mix the (B, H'·W', K, q) rows: the output stays channels-last
-                rows = y.permute(0, 2, 3, 1).reshape(b, oh * ow, k, q)
-                return torch.einsum('bk,bnkq->bnq', pi, rows).view(b, oh, ow, q).permute(0, 3, 1, 2)
-            return torch.einsum('bk,bkqhw->bqhw', pi, y.reshape(b, k, q, oh, ow))
+            return self._factorized(x, pi)
         weight, bias = fusion.dyconv_kernel_bias(self.experts, self.bias, pi)
         return self.per_sample_conv(x, weight, bias)
+
+    def _factorized(self, x: Tensor, pi: Tensor, symbolic: bool = False) -> Tensor:
+        """The K kernels as one conv (per group of experts with groups > 1), their outputs mixed by π(x)."""
+        k, q = self.num_experts, self.out_channels
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        experts = self.experts
+        y = self._conv(x, self.weight.reshape((k * q, self.in_channels // self.groups) + self.kernel_size), bias,
+                       self.groups) if self.groups == 1 else torch.cat(
+            [self._conv(x, experts[i], None if self.bias is None else self.bias[i], self.groups)
+             for i in range(k)], 1)
+        if not symbolic and is_channels_last(y):  # mix the (B, H'·W', K, q) rows: the output stays channels-last
+            b, _, oh, ow = y.shape
+            rows = y.permute(0, 2, 3, 1).reshape(b, oh * ow, k, q)
+            return torch.einsum('bk,bnkq->bnq', pi, rows).view(b, oh, ow, q).permute(0, 3, 1, 2)
+        return torch.einsum('bk,bkqhw->bqhw', pi, y.unflatten(1, (k, q)))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in place of this layer: its TorchScript twin (same parameters)."""
+        from . import _script
+        return _script.ScriptedDYConv(self)
 
     def switch_to_deploy(self) -> None:
         """DYConv has no training-only branches: marks the layer deployed, changes nothing else."""

@@ -112,5 +112,11 @@ class MAConv2d(MultiLayerConv):
     def forward_compact(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight, self.bias)
 
+    _compact_symbolic = forward_compact
+
+    def _scriptable_compact(self) -> nn.Module:
+        from . import _script
+        return _script.shared_conv(self)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (f', act={self.act!r}' if self.act else '')

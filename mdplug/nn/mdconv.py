@@ -125,6 +125,10 @@ class MDConv2d(MultiLayerConv):
         """Eq. 6–7 from the stored compact parameters with few ops."""
         return self._dynamic_kernel_bias(*self._left_and_bias(coeff))
 
+    def _scriptable_compact(self):
+        from ._script import ScriptedDynamicCompact
+        return ScriptedDynamicCompact(self, full=False)
+
     def set_temperature(self, t: float) -> None:
         """Set the attention's softmax/sigmoid temperature (for annealing schedules)."""
-        self.attention.temperature = float(t)
+        self.attention.assign_temperature(t)

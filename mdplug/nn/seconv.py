@@ -56,6 +56,11 @@ class SEConv2d(ConvBase):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x) * self.dynamic_coefficients(x)[:, :, None, None]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in place of this layer: its TorchScript twin (same parameters)."""
+        from . import _script
+        return _script.ScriptedSE(self)
+
     def switch_to_deploy(self) -> None:
         """SE has no training-only parts: marks the layer deployed, changes nothing else."""
         self.deploy = True
