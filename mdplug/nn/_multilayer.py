@@ -205,12 +205,15 @@ class MultiLayerConv(ConvBase):
     #: (anything else: the plain autograd path)
     fused_mix: Optional[str] = None
     #: train-mode forward through :mod:`~mdplug.nn._fused` (1×1 layers: the whole layer in one function; others:
-    #: the tail after the shared conv; same function and gradients, less memory and time); set False on an
-    #: instance to use plain autograd
-    fuse_training_tail: bool = True
+    #: the tail after the shared conv; same function and gradients, less memory, more but smaller ops): None
+    #: (default) where it was measured to win, on the devices in ``_fused.DEVICES`` (the CPU; on CUDA plain
+    #: autograd, docs/benchmarks.md); True wherever it applies; False never (plain autograd)
+    fuse_training_tail: Optional[bool] = None
 
     def _use_fused_tail(self) -> bool:
-        return (self.fuse_training_tail and self.fused_mix is not None and self.training and self.bypass
+        fuse = self.fuse_training_tail
+        return ((fuse or (fuse is None and self.expand.weight.device.type in _fused.DEVICES))
+                and self.fused_mix is not None and self.training and self.bypass
                 and self.norm == 'branch' and torch.is_grad_enabled() and _fused.can_fuse(self.expand_bn)
                 and _fused.can_fuse(self.project_bn) and not tracing_for_export())
 
@@ -320,6 +323,17 @@ class MultiLayerConv(ConvBase):
         else:
             weight = torch.baddbmm(self.weight.reshape(1, q, -1), left, w1.expand(b, -1, -1))
         return weight.reshape((b, q) + tuple(self.weight1.shape[1:])), None if bias is None else bias.expand(b, q)
+
+    def _left_bias(self, left: Tensor) -> Optional[Tensor]:
+        """Eq. 7's bias ``left·b1' + b'`` (B, q) from ``left`` (B, q, m) (``W2'·A(x)`` or ``W2'·Φ(x)``) in one
+        op, or None without biases."""
+        if self.bias1 is None:
+            return self._static_bias(None)
+        b, q = left.shape[0], self.out_channels
+        col = self.bias1.view(1, self.m, 1).expand(b, -1, -1)
+        if self.bias is None:
+            return torch.bmm(left, col).view(b, q)
+        return torch.baddbmm(self.bias.view(1, q, 1), left, col).view(b, q)
 
     def _static_bias(self, dynamic: Optional[Tensor]) -> Optional[Tensor]:
         """``dynamic + b'`` for a (B, q) dynamic bias part or None."""

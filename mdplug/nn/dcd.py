@@ -57,7 +57,7 @@ class DCDConv2d(MDConv2d):
     def _left_and_bias(self, phi: Tensor):
         """``W2'·Φ(x)`` (B, q, m) and the bias ``W2'·Φ(x)·b1' + b'`` (B, q) or None."""
         left = self._left(phi)
-        return left, self._static_bias(None if self.bias1 is None else torch.matmul(left, self.bias1))
+        return left, self._left_bias(left)
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)

@@ -112,14 +112,8 @@ class MDConv2d(MultiLayerConv):
     def _left_and_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and the bias of Eq. 7,
         ``W2'·A(x)·b1' + b'`` (B, q) or None."""
-        w2 = self.weight2.reshape(self.out_channels, self.m)
-        if self.bias1 is None:
-            bias = self._static_bias(None)
-        elif self.bias is None:
-            bias = (coeff * self.bias1) @ w2.t()
-        else:
-            bias = torch.addmm(self.bias, coeff * self.bias1, w2.t())
-        return self._left(coeff), bias
+        left = self._left(coeff)
+        return left, self._left_bias(left)
 
     def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6–7 from the stored compact parameters with few ops."""
