@@ -116,3 +116,21 @@ def test_timm_style_torch_compile_after_convert_runs_under_inductor():
     eager = model_of('mdconv', 'expanding')
     compiled = torch.compile(copy.deepcopy(eager), backend='aot_eager')
     close(run(compiled, x, 'expanding'), run(eager, x, 'expanding'), 'aot_eager training')
+
+
+def test_mmengine_config_with_compile_trains(tmp_path):
+    """The Runner's ``compile`` option in a config (``compile = True`` takes inductor; here Dynamo with its eager
+    backend, the same tracing without code generation) compiles ``train_step`` of a SmallNet made of MDConv
+    layers and trains it through tools/train.py."""
+    pytest.importorskip('mmpretrain')
+    from test_mmpretrain_train import _short_config, _train, needs_fashion_mnist
+    if needs_fashion_mnist.args[0]:
+        pytest.skip(needs_fashion_mnist.kwargs['reason'])
+    config = _short_config(tmp_path, 0.005)
+    config.write_text(config.read_text().replace('fraction=0.2,', 'fraction=0.02,')
+                      + "compile = dict(backend='eager')\n")
+    records, out = _train(config, str(tmp_path / 'work'))
+    assert 'Model has been "compiled"' in out
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert losses and all(0 < v < 10 for v in losses)
+    assert [r for r in records if 'accuracy/top1' in r]
