@@ -326,8 +326,11 @@ def wait_for_quiet(limit: float, until: Optional[str]) -> None:
 
 
 def compiled(model: nn.Module, args) -> nn.Module:
-    """``torch.compile(model, backend=args.torchcompile)``, or the model itself without ``--torchcompile``."""
-    return torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+    """``torch.compile(model, backend=args.torchcompile, mode=args.compile_mode)``, or the model itself without
+    ``--torchcompile``."""
+    if not args.torchcompile:
+        return model
+    return torch.compile(model, backend=args.torchcompile, mode=args.compile_mode)
 
 
 def run_model(name: str, args, bar) -> dict:
@@ -431,8 +434,9 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
     precision = (f'{layout}, float32' if info.get('dtype', 'float32') == 'float32' else
                  f"{layout}, `torch.autocast` to {info['dtype']} (float32 weights)")
     if info.get('torchcompile'):
-        precision += (f"; every model `torch.compile`d (backend {info['torchcompile']}), compiled during the "
-                      'warm-up calls, which are not timed')
+        precision += (f"; every model `torch.compile`d (backend {info['torchcompile']}"
+                      + (f", mode {info['compile_mode']}" if info.get('compile_mode') else '')
+                      + '), compiled during the warm-up calls, which are not timed')
     timing = ('CUDA events around each call' if cuda else 'wall clock')
     lines = ['# Benchmarks' + (f" on {info['gpu']}, {info['dtype']}" if cuda else '')
              + (', channels-last' if info.get('channels_last') else '')
@@ -450,7 +454,11 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              'The target list also gives the median of the per-round ratios (the two variants of a round ran back '
              'to back, so drifts of the machine over the run cancel). '
              f'Inference: eval mode, `torch.inference_mode()`, {precision}. Training step: forward + '
-             'cross-entropy + backward + SGD step, train mode; peak memory is the most bytes allocated and not '
+             'cross-entropy + backward + SGD step (one `foreach` update), train mode; "mdconv expanding" takes the '
+             "device's default training path (CPU: the fused functions; CUDA: plain autograd), the \"(fused)\" and "
+             '"(plain autograd)" rows force either. Launches: the non-view aten ops one call dispatches (views, '
+             '`detach`, `empty*` left out; each is at least one kernel launch on a GPU), counted in eager runs. '
+             'Peak memory is the most bytes allocated and not '
              'yet freed during one step '
              f"({'the CUDA caching allocator' if cuda else 'torch profiler allocator'} counter; parameters and the "
              'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is '
@@ -546,6 +554,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--torchcompile', nargs='?', const='inductor', metavar='BACKEND',
                    help='torch.compile every model with this backend (default inductor), as timm\'s benchmark.py '
                         'takes it; compilation happens in the warm-up calls (at least one per batch size)')
+    p.add_argument('--compile-mode', choices=('default', 'reduce-overhead', 'max-autotune',
+                                              'max-autotune-no-cudagraphs'),
+                   help="torch.compile's mode with --torchcompile (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--malloc', choices=('retain', 'default'), default='retain',
                    help="C allocator: 'retain' keeps freed memory in the process (glibc mallopt), so calls do not "
@@ -576,6 +587,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args.variants = ['static'] + [v for v in args.variants if v != 'static'] if args.variants else None
     args.train_variants = (['static'] + [v for v in args.train_variants if v != 'static']
                            if args.train_variants else None)
+    if args.compile_mode and not args.torchcompile:
+        _parser().error('--compile-mode needs --torchcompile')
     if args.torchcompile:  # compiling happens in the warm-up calls, which then must exist
         args.warmup, args.train_warmup = max(args.warmup, 1), max(args.train_warmup, 1)
         if args.variants and FLOOR in args.variants:
@@ -620,6 +633,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info['malloc'] = malloc
     info['channels_last'] = bool(args.channels_last)
     info['torchcompile'] = args.torchcompile
+    info['compile_mode'] = args.compile_mode
     text = markdown(results, info, argv, (load0, load1))
     others = sorted(f for f in os.listdir(os.path.dirname(os.path.abspath(args.out)))
                     if f.startswith('benchmarks_') and f.endswith('.md') and f != os.path.basename(args.out))
