@@ -10,7 +10,7 @@ the launch counts of both.  A shortcut earns its place when it wins ≥ 3 % at s
 
 Shortcuts (inference, compact MDConv model): ``member`` (parameters read from the module dicts instead of
 ``nn.Module.__getattr__``), ``calls_forward`` (the attention's linears as ``F.linear`` instead of module calls),
-``matrices_cache`` (the batch-1 2-D parameter views kept between calls), ``one_sample`` (the batch-1 matmul path
+``one_sample`` (the batch-1 matmul path
 instead of the batched compact paths), ``addmm_relu`` (fc1 + ReLU as one ``_addmm_activation``); training
 (expanding MDConv model): ``fused`` (the fused training functions instead of plain autograd).
 """
@@ -50,13 +50,6 @@ def patched(*swaps) -> Iterator[None]:
             setattr(obj, name, value)
 
 
-def _uncached_matrices(self):
-    q, p, m = self.out_channels, self.in_channels, self.m
-    shapes = ((q, p), (q, 1), (m, p), (m, 1), (q, m))
-    tensors = (self.weight, self.bias, self.weight1, self.bias1, self.weight2)
-    return tuple(None if t is None else t.view(s) for t, s in zip(tensors, shapes))
-
-
 def _plain_member(module, name):
     return getattr(module, name)
 
@@ -70,7 +63,6 @@ REMOVALS: Dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     'member': lambda: patched(*[(mod, 'member', _plain_member) for mod in (_common, _multilayer, mdconv, dcd)]),
     'calls_forward': lambda: patched((_common, 'calls_forward', lambda mod, cls: False),
                                      (mdconv, 'calls_forward', lambda mod, cls: False)),
-    'matrices_cache': lambda: patched((_multilayer.MultiLayerConv, '_matrices', _uncached_matrices)),
     'one_sample': lambda: patched((_multilayer.MultiLayerConv, '_runs_one_sample', lambda self, x, tracing: False)),
     'addmm_relu': lambda: patched((torch, '_addmm_activation', _no_addmm_activation)),
 }
@@ -125,7 +117,7 @@ def main(argv: List[str] = None) -> int:
         rounds = max(6, args.rounds // b)
         with torch.inference_mode():
             for name in names:
-                if name == 'matrices_cache' and b != 1 or name == 'one_sample' and b != 1:
+                if name == 'one_sample' and b != 1:
                     continue  # batch-1 only
                 r = ab(lambda: model(x), REMOVALS[name], rounds)
                 print(f"| {name} | {b} | {r['ratio']:.3f} ({r['lo']:.2f}–{r['hi']:.2f}, {rounds} rounds) | "

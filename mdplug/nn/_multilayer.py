@@ -343,39 +343,14 @@ class MultiLayerConv(ConvBase):
 
     def _matrices(self) -> Tuple[Optional[Tensor], ...]:
         """The compact parameters of a 1×1 layer as the matrices the batch-1 path multiplies: W0' (q, p),
-        b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent.
-
-        Views, made once and reused while grad mode is off and the parameters keep their memory (making the five
-        views at every call cost about 1 % of mobilenetv2_100's batch-1 forward).  With grad mode on (gradients
-        must reach the parameters) or a dispatch mode active (fake tensors) they are made at every call.
-        ``_apply`` (``.to()``, ``.half()``) and pickling/deepcopy drop them.
-        """
+        b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent; views, made at every call (keeping
+        them between calls measured 1–2 % of mobilenetv2_100's batch-1 forward, below the 3 % a shortcut must
+        win, docs/benchmarks.md)."""
+        q, p, m = self.out_channels, self.in_channels, self.m
         tensors = (member(self, 'weight'), member(self, 'bias'), member(self, 'weight1'), member(self, 'bias1'),
                    member(self, 'weight2'))
-        # (not under a dispatch mode either: fake tensors have no memory to compare, FlopCounterMode needs none)
-        remember = not torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
-        if remember:
-            # (same memory, same views: a replaced parameter or ``.data`` has new memory while the views hold
-            # the old one)
-            key = tuple([0 if t is None else t.data_ptr() for t in tensors])
-            cached = self.__dict__.get('_matrices_cache')
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        q, p, m = self.out_channels, self.in_channels, self.m
-        shapes = ((q, p), (q, 1), (m, p), (m, 1), (q, m))
-        views = tuple(None if t is None else t.view(shape) for t, shape in zip(tensors, shapes))
-        if remember:
-            self.__dict__['_matrices_cache'] = (key, views)
-        return views
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop('_matrices_cache', None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop('_matrices_cache', None)
-        return state
+        return tuple(None if t is None else t.view(shape)
+                     for t, shape in zip(tensors, ((q, p), (q, 1), (m, p), (m, 1), (q, m))))
 
     def _left_one(self, w2: Tensor, coeff: Tensor) -> Tensor:  # pragma: no cover - overridden
         """``W2'·A(x)`` (or ``W2'·Φ(x)``) for one sample, (q, m), from the (q, m) matrix ``w2``."""
