@@ -8,11 +8,11 @@ the launch counts of both.  A shortcut earns its place when it wins ≥ 3 % at s
     python tools/ab_shortcuts.py                                   # mobilenetv2_100, batch 1 8 32, training 32
     python tools/ab_shortcuts.py --batch 1 --rounds 60 --train-batch
 
-Shortcuts (inference, compact MDConv model): ``member`` (parameters read from the module dicts instead of
-``nn.Module.__getattr__``), ``calls_forward`` (the attention's linears as ``F.linear`` instead of module calls),
-``one_sample`` (the batch-1 matmul path
-instead of the batched compact paths), ``addmm_relu`` (fc1 + ReLU as one ``_addmm_activation``); training
-(expanding MDConv model): ``fused`` (the fused training functions instead of plain autograd).
+Shortcuts (inference, compact MDConv model): ``calls_forward`` (the attention's linears as ``F.linear`` instead
+of module calls; removing it also removes ``addmm_relu``, which it gates), ``one_sample`` (the batch-1 matmul
+path instead of the batched compact paths), ``addmm_relu`` (fc1 + ReLU as one ``_addmm_activation``); training
+(expanding MDConv model): ``fused`` (the fused training functions instead of plain autograd).  Deleted after
+their A/B (docs/benchmarks.md): ``member`` and the batch-1 parameter-view cache.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from benchmark import force_training_path, launches, set_malloc, train_step  # n
 
 from mdplug.convert import compact, convert  # noqa: E402
 from mdplug.convert.checkpoint import build_model  # noqa: E402
-from mdplug.nn import _common, _multilayer, dcd, mdconv  # noqa: E402
+from mdplug.nn import _common, _multilayer, mdconv  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -50,17 +50,12 @@ def patched(*swaps) -> Iterator[None]:
             setattr(obj, name, value)
 
 
-def _plain_member(module, name):
-    return getattr(module, name)
-
-
 def _no_addmm_activation(bias, mat1, mat2):
     return torch.relu(torch.addmm(bias, mat1, mat2))
 
 
 #: inference shortcuts: name -> the patches that remove it
 REMOVALS: Dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    'member': lambda: patched(*[(mod, 'member', _plain_member) for mod in (_common, _multilayer, mdconv, dcd)]),
     'calls_forward': lambda: patched((_common, 'calls_forward', lambda mod, cls: False),
                                      (mdconv, 'calls_forward', lambda mod, cls: False)),
     'one_sample': lambda: patched((_multilayer.MultiLayerConv, '_runs_one_sample', lambda self, x, tracing: False)),

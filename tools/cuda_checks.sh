@@ -110,7 +110,10 @@ for f in float32 bfloat16 float32_compiled bfloat16_compiled; do
   grep -A 12 -E '^### (Inference|Training step)' "$out/benchmarks_cuda_$f.md" 2>/dev/null | head -n 60
 done
 
-if [ "$repro_s" -le 0 ]; then echo "reproduce: skipped (REPRODUCE_SECONDS=0)"; echo "total $(( $(date +%s) - start )) s"; exit 0; fi
+if [ "$repro_s" -le 0 ]; then
+  echo "reproduce: skipped (REPRODUCE_SECONDS=0); total $(( $(date +%s) - start )) s"
+  exit 0
+fi
 data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 rstart=$(date +%s)
 timeout "$repro_s" python3 tools/reproduce.py --device cuda --suite table5 --epochs 10 --train-size 0 \

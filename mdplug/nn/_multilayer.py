@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import fusion
 from . import _fused
 from ._common import (NORMS, PATHS, ConvBase, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
-                      channel_rows, is_channels_last, kaiming_conv_init_, member, tracing_for_export)
+                      channel_rows, is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -347,8 +347,8 @@ class MultiLayerConv(ConvBase):
         them between calls measured 1–2 % of mobilenetv2_100's batch-1 forward, below the 3 % a shortcut must
         win, docs/benchmarks.md)."""
         q, p, m = self.out_channels, self.in_channels, self.m
-        tensors = (member(self, 'weight'), member(self, 'bias'), member(self, 'weight1'), member(self, 'bias1'),
-                   member(self, 'weight2'))
+        tensors = (self.weight, self.bias, self.weight1, self.bias1,
+                   self.weight2)
         return tuple(None if t is None else t.view(shape)
                      for t, shape in zip(tensors, ((q, p), (q, 1), (m, p), (m, 1), (q, m))))
 
