@@ -40,7 +40,7 @@ def test_a_static_training_step_counts_forward_backward_and_one_optimizer_update
     """conv → flatten → linear → cross-entropy, backward, SGD step: every op of the step once, the parameter
     update as one multi-tensor op (``foreach``, as SGD runs on CUDA)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 10))
-    step = benchmark.train_step(model, torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,)))
+    step = benchmark.train_step(model, torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,)), foreach=True)
     step()
     assert benchmark.launches(step) == {
         'convolution': 1, 'addmm': 1, '_log_softmax': 1, 'nll_loss_forward': 1,       # forward
@@ -78,7 +78,7 @@ def test_mdconv_training_step_on_the_cuda_default_path_stays_within_3_5x_static(
     x, target = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
 
     def count(model):
-        step = benchmark.train_step(model.train(), x, target)
+        step = benchmark.train_step(model.train(), x, target, foreach=True)
         step()
         return total(step)
 

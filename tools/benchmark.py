@@ -136,10 +136,11 @@ def build_train(static: nn.Module, select: str, names: Sequence[str], variants: 
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-               cast: Optional[contextlib.AbstractContextManager] = None) -> Callable[[], None]:
-    # (foreach: one multi-tensor update, as SGD does by default on CUDA, also on the CPU, so the launch count
-    # of a CPU step is a proxy of a GPU step's)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True)
+               cast: Optional[contextlib.AbstractContextManager] = None,
+               foreach: Optional[bool] = None) -> Callable[[], None]:
+    """One SGD training step as a function.  ``foreach``: SGD's (None: its default, one multi-tensor update on
+    CUDA, a loop over the parameters on the CPU; the launch counts take True everywhere, as on CUDA)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=foreach)
     cast = cast or contextlib.nullcontext()
 
     def step() -> None:
@@ -359,13 +360,15 @@ def run_model(name: str, args, bar) -> dict:
     for b in train_batches:
         x = torch.randn(b, *size, device=dev).contiguous(memory_format=fmt)
         target = torch.randint(0, 1000, (b,), device=dev)
-        fns = {v: train_step(compiled(to_layout(m.to(dev), fmt), args), x, target, autocast(args))
-               for v, m in build_train(static, select, names, tvariants).items()}
+        models = {v: compiled(to_layout(m.to(dev), fmt), args)
+                  for v, m in build_train(static, select, names, tvariants).items()}
+        fns = {v: train_step(m, x, target, autocast(args)) for v, m in models.items()}
         times = time_round_robin(fns, args.train_warmup, args.train_repeats, bar, dev)
         res = {v: summarise(t) for v, t in times.items()}
         for v, fn in fns.items():
             res[v]['peak_bytes'] = peak_step_memory(fn, dev)
-            res[v]['launches'] = None if args.torchcompile else sum(launches(fn).values())
+            res[v]['launches'] = None if args.torchcompile else sum(
+                launches(train_step(models[v], x, target, autocast(args), foreach=True)).values())
             bar.update(2)
         out['train'][b] = res
     return out
@@ -454,10 +457,11 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              'The target list also gives the median of the per-round ratios (the two variants of a round ran back '
              'to back, so drifts of the machine over the run cancel). '
              f'Inference: eval mode, `torch.inference_mode()`, {precision}. Training step: forward + '
-             'cross-entropy + backward + SGD step (one `foreach` update), train mode; "mdconv expanding" takes the '
+             'cross-entropy + backward + SGD step, train mode; "mdconv expanding" takes the '
              "device's default training path (CPU: the fused functions; CUDA: plain autograd), the \"(fused)\" and "
              '"(plain autograd)" rows force either. Launches: the non-view aten ops one call dispatches (views, '
-             '`detach`, `empty*` left out; each is at least one kernel launch on a GPU), counted in eager runs. '
+             '`detach`, `empty*` left out; each is at least one kernel launch on a GPU; the SGD step counted as one '
+             '`foreach` update, as it runs on CUDA), counted in eager runs. '
              'Peak memory is the most bytes allocated and not '
              'yet freed during one step '
              f"({'the CUDA caching allocator' if cuda else 'torch profiler allocator'} counter; parameters and the "
