@@ -11,7 +11,7 @@ TOOL = osp.join(ROOT, 'tools', 'benchmark.py')
 
 def run(*args, timeout=600):
     return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin'})
+                          env={'OMP_NUM_THREADS': '1', 'PATH': '/usr/bin:/bin', 'PYTHONPATH': ROOT})
 
 
 def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
@@ -37,6 +37,13 @@ def test_tiny_benchmark_writes_report_plot_and_json(tmp_path):
     assert res['infer']['2']['static']['n'] == 1
     assert res['infer']['1']['static']['n'] == 2  # half the batch, twice the rounds
     assert res['train']['2']['mdconv expanding']['peak_bytes'] > res['train']['2']['static']['peak_bytes'] > 0
+    # launch counts beside the times: MAConv's compact model is the static network, MDConv adds its attention
+    inf = res['infer']['2']
+    assert inf['maconv compact']['launches'] == inf['static']['launches'] < inf['mdconv compact (auto)']['launches']
+    assert 'Launches per forward' in text and '| launches | ×static |' in text
+    train = res['train']['2']
+    assert train['mdconv expanding (fused)']['launches'] > train['mdconv expanding (plain autograd)']['launches']
+    assert train['mdconv expanding']['launches'] == train['mdconv expanding (fused)']['launches']  # CPU default
     walls = [res['infer']['1'][v]['walls'] for v in ('static', 'mdconv compact (auto)')]
     assert len(walls[0]) == len(walls[1]) == 2 and min(walls[0] + walls[1]) > 0  # every round kept, in order
 
@@ -71,6 +78,7 @@ def test_torchcompile_run_compiles_every_model_and_says_so(tmp_path):
     assert data['info']['torchcompile'] == 'eager'
     assert data['results'][0]['infer']['1']['mdconv compact (auto)']['n'] == 1
     assert data['results'][0]['train']['2']['mdconv expanding']['n'] == 1
+    assert data['results'][0]['train']['2']['mdconv expanding']['launches'] is None  # counted in eager runs only
 
 
 def test_variant_lists_static_first_and_no_floor_when_compiled():

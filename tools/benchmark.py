@@ -27,6 +27,7 @@ Writes ``docs/benchmarks.md`` and ``docs/benchmarks.png`` (``--out``, ``--plot``
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import ctypes
@@ -43,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import AttentionFloor, PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
@@ -55,7 +57,12 @@ FLOOR = 'static + attention (floor)'
 INFER = ('static', FLOOR, 'maconv compact', 'mdconv compact (weight)', 'mdconv compact (factorized)',
          'mdconv compact (auto)', 'dyconv peer-style (groups=B)', 'dyconv mdplug', 'dcd compact (auto)',
          'condconv timm')
-TRAIN = ('static', 'maconv expanding', 'mdconv expanding', 'dyconv peer-style (groups=B)', 'dyconv mdplug')
+TRAIN = ('static', 'maconv expanding', 'mdconv expanding', 'maconv expanding (fused)', 'mdconv expanding (fused)',
+         'maconv expanding (plain autograd)', 'mdconv expanding (plain autograd)', 'dyconv peer-style (groups=B)',
+         'dyconv mdplug')
+#: the training paths a ``(fused)`` / ``(plain autograd)`` variant forces (``fuse_training_tail``); the plain name
+#: runs the device's default (mdplug/nn/_multilayer.py, ``FUSED_DEVICES``)
+FORCED = {' (fused)': True, ' (plain autograd)': False}
 
 
 #: a hand-written section of the report between these markers survives a re-run
@@ -105,20 +112,35 @@ def to_layout(model: nn.Module, fmt: torch.memory_format) -> nn.Module:
     return model
 
 
+def force_training_path(model: nn.Module, fused: Optional[bool]) -> nn.Module:
+    """Set ``fuse_training_tail`` of every multi-layer conv of ``model``: True (the fused functions wherever they
+    apply), False (plain autograd) or None (the device's default)."""
+    for m in model.modules():
+        if hasattr(m, 'fuse_training_tail'):
+            m.fuse_training_tail = fused
+    return model
+
+
 def build_train(static: nn.Module, select: str, names: Sequence[str], variants: Sequence[str]):
+    def ours(variant: str) -> nn.Module:
+        kind = variant.split()[0]
+        model = convert(copy.deepcopy(static), kind=kind, select=select)
+        return force_training_path(model, next((f for tail, f in FORCED.items() if variant.endswith(tail)), None))
+
     makers = {
         'static': lambda: copy.deepcopy(static),
-        'maconv expanding': lambda: convert(copy.deepcopy(static), kind='maconv', select=select),
-        'mdconv expanding': lambda: convert(copy.deepcopy(static), kind='mdconv', select=select),
         'dyconv peer-style (groups=B)': lambda: swap_convs(copy.deepcopy(static), names, PeerDYConv2d),
         'dyconv mdplug': lambda: convert(copy.deepcopy(static), kind='dyconv', select=select),
     }
-    return {v: makers[v]().train() for v in variants}
+    return {v: (makers[v]() if v in makers else ours(v)).train() for v in variants}
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-               cast: Optional[contextlib.AbstractContextManager] = None) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+               cast: Optional[contextlib.AbstractContextManager] = None,
+               foreach: Optional[bool] = None) -> Callable[[], None]:
+    """One SGD training step as a function.  ``foreach``: SGD's (None: its default, one multi-tensor update on
+    CUDA, a loop over the parameters on the CPU; the launch counts take True everywhere, as on CUDA)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=foreach)
     cast = cast or contextlib.nullcontext()
 
     def step() -> None:
@@ -128,6 +150,28 @@ def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         loss.backward()
         opt.step()
     return step
+
+
+class _LaunchCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == 'aten' and not (func.is_view or name == 'detach' or name.startswith('empty')):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches(fn: Callable[[], object]) -> collections.Counter:
+    """The aten ops one call of ``fn`` dispatches below autograd, by name: on a GPU each is at least one kernel
+    launch, so their count is a CPU-measurable proxy of the launch-bound regime.  Views (which launch nothing),
+    ``detach`` and ``empty*`` (allocations) are left out, and so are other namespaces (profiler markers); a
+    composite op that reaches the dispatch mode whole (``linear`` under inference mode) counts once."""
+    with _LaunchCounter() as counter:
+        fn()
+    return counter.ops
 
 
 def peak_step_memory(fn: Callable[[], None], device: str = 'cpu') -> int:
@@ -283,8 +327,11 @@ def wait_for_quiet(limit: float, until: Optional[str]) -> None:
 
 
 def compiled(model: nn.Module, args) -> nn.Module:
-    """``torch.compile(model, backend=args.torchcompile)``, or the model itself without ``--torchcompile``."""
-    return torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+    """``torch.compile(model, backend=args.torchcompile, mode=args.compile_mode)``, or the model itself without
+    ``--torchcompile``."""
+    if not args.torchcompile:
+        return model
+    return torch.compile(model, backend=args.torchcompile, mode=args.compile_mode)
 
 
 def run_model(name: str, args, bar) -> dict:
@@ -304,20 +351,25 @@ def run_model(name: str, args, bar) -> dict:
         with torch.inference_mode(), autocast(args):
             fns = {v: (lambda m=m: m(x)) for v, m in models.items()}
             times = time_round_robin(fns, args.warmup, rounds(args, b), bar, dev)
-        out['infer'][b] = {v: summarise(t) for v, t in times.items()}
+            out['infer'][b] = {v: summarise(t) for v, t in times.items()}
+            for v, fn in fns.items():
+                out['infer'][b][v]['launches'] = None if args.torchcompile else sum(launches(fn).values())
     del models
     tvariants = [v for v in TRAIN if v in args.train_variants] if args.train_variants else list(TRAIN)
     train_batches = args.train_batch if not args.train_models or name in args.train_models else []
     for b in train_batches:
         x = torch.randn(b, *size, device=dev).contiguous(memory_format=fmt)
         target = torch.randint(0, 1000, (b,), device=dev)
-        fns = {v: train_step(compiled(to_layout(m.to(dev), fmt), args), x, target, autocast(args))
-               for v, m in build_train(static, select, names, tvariants).items()}
+        models = {v: compiled(to_layout(m.to(dev), fmt), args)
+                  for v, m in build_train(static, select, names, tvariants).items()}
+        fns = {v: train_step(m, x, target, autocast(args)) for v, m in models.items()}
         times = time_round_robin(fns, args.train_warmup, args.train_repeats, bar, dev)
         res = {v: summarise(t) for v, t in times.items()}
         for v, fn in fns.items():
             res[v]['peak_bytes'] = peak_step_memory(fn, dev)
-            bar.update(1)
+            res[v]['launches'] = None if args.torchcompile else sum(
+                launches(train_step(models[v], x, target, autocast(args), foreach=True)).values())
+            bar.update(2)
         out['train'][b] = res
     return out
 
@@ -327,6 +379,11 @@ def _cell(s: dict, base: dict) -> str:
     ms = s['median'] * 1e3
     return (f"{ms:.1f} ({s['min'] * 1e3:.1f}–{s['max'] * 1e3:.1f}) **×{s['median'] / base['median']:.2f}** "
             f"(cpu ×{s['cpu_median'] / base['cpu_median']:.2f})")
+
+
+def _launch_cell(s: dict, base: dict, converted: int) -> str:
+    n = s.get('launches')
+    return '–' if n is None else f"{n} ({(n - base['launches']) / max(converted, 1):+.1f})"
 
 
 def targets(r: dict) -> List[str]:
@@ -380,8 +437,9 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
     precision = (f'{layout}, float32' if info.get('dtype', 'float32') == 'float32' else
                  f"{layout}, `torch.autocast` to {info['dtype']} (float32 weights)")
     if info.get('torchcompile'):
-        precision += (f"; every model `torch.compile`d (backend {info['torchcompile']}), compiled during the "
-                      'warm-up calls, which are not timed')
+        precision += (f"; every model `torch.compile`d (backend {info['torchcompile']}"
+                      + (f", mode {info['compile_mode']}" if info.get('compile_mode') else '')
+                      + '), compiled during the warm-up calls, which are not timed')
     timing = ('CUDA events around each call' if cuda else 'wall clock')
     lines = ['# Benchmarks' + (f" on {info['gpu']}, {info['dtype']}" if cuda else '')
              + (', channels-last' if info.get('channels_last') else '')
@@ -399,7 +457,12 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
              'The target list also gives the median of the per-round ratios (the two variants of a round ran back '
              'to back, so drifts of the machine over the run cancel). '
              f'Inference: eval mode, `torch.inference_mode()`, {precision}. Training step: forward + '
-             'cross-entropy + backward + SGD step, train mode; peak memory is the most bytes allocated and not '
+             'cross-entropy + backward + SGD step, train mode; "mdconv expanding" takes the '
+             "device's default training path (CPU: the fused functions; CUDA: plain autograd), the \"(fused)\" and "
+             '"(plain autograd)" rows force either. Launches: the non-view aten ops one call dispatches (views, '
+             '`detach`, `empty*` left out; each is at least one kernel launch on a GPU; the SGD step counted as one '
+             '`foreach` update, as it runs on CUDA), counted in eager runs. '
+             'Peak memory is the most bytes allocated and not '
              'yet freed during one step '
              f"({'the CUDA caching allocator' if cuda else 'torch profiler allocator'} counter; parameters and the "
              'input are allocated before the step and not counted). "dyconv peer-style (groups=B)" is '
@@ -421,13 +484,24 @@ def markdown(results: List[dict], info: dict, argv: List[str], load: tuple) -> s
                 lines.append(f'| {v} | ' + ' | '.join(_cell(r['infer'][b][v], r['infer'][b]['static']) for b in bs)
                              + ' |')
             lines.append('')
+            if r['infer'][bs[0]]['static'].get('launches') is not None:
+                lines += ['Launches per forward (non-view aten ops dispatched, eager; `launches` in the tool), and in '
+                          'brackets the extra launches per replaced conv beyond static:', '',
+                          '| variant | ' + ' | '.join(f'batch {b}' for b in bs) + ' |', '|---' * (len(bs) + 1) + '|']
+                for v in r['infer'][bs[0]]:
+                    lines.append(f'| {v} | ' + ' | '.join(_launch_cell(r['infer'][b][v], r['infer'][b]['static'],
+                                                                       r['converted']) for b in bs) + ' |')
+                lines.append('')
         for b, res in sorted(r['train'].items()):
             base = res['static']
-            lines += [f'### Training step, batch {b}', '', '| variant | ms (min–max) ×static | peak MB | ×static |',
-                      '|---|---|---|---|']
+            lines += [f'### Training step, batch {b}', '',
+                      '| variant | ms (min–max) ×static | peak MB | ×static | launches | ×static |',
+                      '|---|---|---|---|---|---|']
             for v, s in res.items():
+                n, n0 = s.get('launches'), base.get('launches')
+                count = '– | –' if n is None or not n0 else f'{n} | ×{n / n0:.2f}'
                 lines.append(f"| {v} | {_cell(s, base)} | {s['peak_bytes'] / 2**20:.0f} | "
-                             f"×{s['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
+                             f"×{s['peak_bytes'] / max(base['peak_bytes'], 1):.2f} | {count} |")
             lines.append('')
         t = targets(r) if r['model'] == 'mobilenetv2_100' and not cuda and info.get('dtype') == 'float32' else []
         if t:
@@ -484,6 +558,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--torchcompile', nargs='?', const='inductor', metavar='BACKEND',
                    help='torch.compile every model with this backend (default inductor), as timm\'s benchmark.py '
                         'takes it; compilation happens in the warm-up calls (at least one per batch size)')
+    p.add_argument('--compile-mode', choices=('default', 'reduce-overhead', 'max-autotune',
+                                              'max-autotune-no-cudagraphs'),
+                   help="torch.compile's mode with --torchcompile (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--malloc', choices=('retain', 'default'), default='retain',
                    help="C allocator: 'retain' keeps freed memory in the process (glibc mallopt), so calls do not "
@@ -514,6 +591,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args.variants = ['static'] + [v for v in args.variants if v != 'static'] if args.variants else None
     args.train_variants = (['static'] + [v for v in args.train_variants if v != 'static']
                            if args.train_variants else None)
+    if args.compile_mode and not args.torchcompile:
+        _parser().error('--compile-mode needs --torchcompile')
     if args.torchcompile:  # compiling happens in the warm-up calls, which then must exist
         args.warmup, args.train_warmup = max(args.warmup, 1), max(args.train_warmup, 1)
         if args.variants and FLOOR in args.variants:
@@ -544,7 +623,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(0)
     from tqdm import tqdm
     n_inf = len(args.variants or INFER) * sum(args.warmup + rounds(args, b) for b in args.batch)
-    n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (args.train_warmup + args.train_repeats + 1)
+    n_train = len(args.train_variants or TRAIN) * len(args.train_batch) * (args.train_warmup + args.train_repeats + 2)
     n_trained = len([m for m in args.model if not args.train_models or m in args.train_models])
     wait_for_quiet(args.wait_load, args.wait_until)
     load0 = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
@@ -558,6 +637,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info['malloc'] = malloc
     info['channels_last'] = bool(args.channels_last)
     info['torchcompile'] = args.torchcompile
+    info['compile_mode'] = args.compile_mode
     text = markdown(results, info, argv, (load0, load1))
     others = sorted(f for f in os.listdir(os.path.dirname(os.path.abspath(args.out)))
                     if f.startswith('benchmarks_') and f.endswith('.md') and f != os.path.basename(args.out))

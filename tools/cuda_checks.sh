@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The GPU additions of issues 5 and 6 as one short script for a borrowed CUDA machine:
+# The GPU checks of issues 5, 6 and 17 as one short script for a borrowed CUDA machine (fits in about 10 min):
 #
 #   bash tools/cuda_checks.sh OUTDIR [BENCH_SECONDS] [REPRODUCE_SECONDS]
 #
-# 0. correctness on the GPU of the fused training functions (1×1 and k×k, MDConv and MAConv: output, every
-#    gradient and the BN running statistics against plain autograd) and of every compact path against the
-#    expanding form in eval mode, float32, at batch 1 and 5, NCHW and channels-last (whose outputs must stay
-#    channels-last); mismatches are printed and set the exit status;
-# 1. tools/benchmark.py on mobilenetv2_100 and resnet18 with --device cuda, float32 then bfloat16 autocast
-#    (CUDA events, more repeats than on the CPU), each capped by `timeout`;
-# 2. tools/reproduce.py --device cuda: Table 5's suite on all 60 000 Fashion-MNIST images for 10 epochs, 3 seeds,
-#    one run at a time with 6 dataloader workers (several mmengine processes sharing one GPU made each SmallNet
-#    step take 0.18 s on an H100 in the first try), capped; its result.json files and report go into OUTDIR.
-# Needs mdplug importable (PYTHONPATH=repo root), timm, and for step 2 mmengine/mmcv-lite/mmpretrain and the
+# 0. correctness on the GPU of the fused training functions (forced: fuse_training_tail=True; 1×1 and k×k, MDConv
+#    and MAConv: output, every gradient and the BN running statistics against plain autograd), that a layer's
+#    default on CUDA is plain autograd, and of every compact path against the expanding form in eval mode,
+#    float32, at batch 1 and 5, NCHW and channels-last (whose outputs must stay channels-last); mismatches are
+#    printed and set the exit status;
+# 1. tools/benchmark.py on mobilenetv2_100 with --device cuda, eager, float32 then bfloat16 autocast, inference at
+#    batch 1, 32, 128 and training steps at 32 and 128, launch counts beside times; the training rows
+#    "(fused)" / "(plain autograd)" decide the CUDA float32 training default (mdplug/nn/_fused.py DEVICES);
+# 2. the same compiled (--torchcompile inductor --compile-mode reduce-overhead: CUDA graphs), float32 and bfloat16,
+#    static / MAConv / MDConv only (compiling every variant would not fit);
+# 3. only with REPRODUCE_SECONDS > 0 (default 0): tools/reproduce.py --device cuda, Table 5's suite on all 60 000
+#    Fashion-MNIST images for 10 epochs, 3 seeds, one run at a time with 6 dataloader workers, capped.
+# Every step is capped by `timeout` (BENCH_SECONDS, default 420, split between the four benchmark runs). Reports
+# go to OUTDIR/benchmarks_cuda_{float32,bfloat16}{,_compiled}.md (+ .json, .png); commit them as
+# docs/benchmarks_cuda_*.md with the GPU and the date (the reports carry both).
+# Needs mdplug importable (PYTHONPATH=repo root), timm, and for step 3 mmengine/mmcv-lite/mmpretrain and the
 # Fashion-MNIST IDX files (FASHION_MNIST=dir, default /usr/share/datasets/fashion-mnist).
 set -u
 out=${1:?usage: tools/cuda_checks.sh OUTDIR [BENCH_SECONDS] [REPRODUCE_SECONDS]}
-bench_s=${2:-300}
-repro_s=${3:-240}
+bench_s=${2:-420}
+repro_s=${3:-0}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 1
 mkdir -p "$out"
@@ -51,7 +57,10 @@ for cls in (MDConv2d, MAConv2d):
                        (3, 2, 24, 40)):
       for fmt in (torch.contiguous_format, CL):
         fused = randomize(cls(p, q, k, s, k // 2, m=8)).to(dev).train()
-        plain = copy.deepcopy(fused); plain.fuse_training_tail = False
+        plain = copy.deepcopy(fused)
+        if plain._use_fused_tail():  # the default on CUDA: plain autograd (fuse_training_tail=None)
+            print(f'default {cls.__name__}: fused on CUDA', 'MISMATCH'); bad += 1
+        fused.fuse_training_tail, plain.fuse_training_tail = True, False
         x = torch.randn(6, p, 15, 15, device=dev).contiguous(memory_format=fmt)
         xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
         yf, yp = fused(xf), plain(xp)
@@ -80,17 +89,31 @@ sys.exit(1 if bad else 0)
 EOF
 echo "correctness: exit ${PIPESTATUS[0]}"
 
-bench() {  # dtype seconds
-  timeout "$2" python3 tools/benchmark.py --device cuda --dtype "$1" --batch 1 8 32 128 --train-batch 32 128 \
-    --warmup 10 --repeats 40 --train-warmup 3 --train-repeats 15 --threads 8 \
-    --out "$out/benchmarks_cuda_$1.md" --plot "$out/benchmarks_cuda_$1.png" --json "$out/benchmarks_cuda_$1.json" \
-    > "$out/bench_$1.log" 2>&1
-  echo "benchmark $1: exit $? after $(( $(date +%s) - start )) s"
+bench() {  # name seconds extra-args...
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" python3 tools/benchmark.py --device cuda --model mobilenetv2_100 --batch 1 32 128 \
+    --train-batch 32 128 --warmup 10 --repeats 40 --train-warmup 3 --train-repeats 15 --threads 8 "$@" \
+    --out "$out/benchmarks_cuda_$name.md" --plot "$out/benchmarks_cuda_$name.png" \
+    --json "$out/benchmarks_cuda_$name.json" > "$out/bench_$name.log" 2>&1
+  echo "benchmark $name: exit $? after $(( $(date +%s) - start )) s"
 }
-bench float32 $(( bench_s * 55 / 100 ))
-bench bfloat16 $(( bench_s - ($(date +%s) - start) ))
-tail -n 40 "$out/benchmarks_cuda_float32.md" 2>/dev/null
+tv=(--train-variants static 'maconv expanding' 'mdconv expanding' 'maconv expanding (fused)' 'mdconv expanding (fused)'
+    'maconv expanding (plain autograd)' 'mdconv expanding (plain autograd)')
+bench float32 $(( bench_s * 30 / 100 )) "${tv[@]}"
+bench bfloat16 $(( bench_s * 20 / 100 )) --dtype bfloat16 "${tv[@]}"
+compiled=(--torchcompile inductor --compile-mode reduce-overhead --warmup 3 --train-warmup 3
+          --variants static 'maconv compact' 'mdconv compact (auto)'
+          --train-variants static 'maconv expanding' 'mdconv expanding')
+bench float32_compiled $(( bench_s * 30 / 100 )) "${compiled[@]}"
+bench bfloat16_compiled $(( bench_s - ($(date +%s) - start) )) --dtype bfloat16 "${compiled[@]}"
+for f in float32 bfloat16 float32_compiled bfloat16_compiled; do
+  grep -A 12 -E '^### (Inference|Training step)' "$out/benchmarks_cuda_$f.md" 2>/dev/null | head -n 60
+done
 
+if [ "$repro_s" -le 0 ]; then
+  echo "reproduce: skipped (REPRODUCE_SECONDS=0); total $(( $(date +%s) - start )) s"
+  exit 0
+fi
 data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 rstart=$(date +%s)
 timeout "$repro_s" python3 tools/reproduce.py --device cuda --suite table5 --epochs 10 --train-size 0 \

@@ -85,6 +85,10 @@ def can_fuse(bn: nn.Module) -> bool:
 
 #: dtypes the fused functions run in (their m×m statistics want at least float32; others use plain autograd)
 DTYPES = (torch.float32, torch.float64)
+#: devices where a layer's default training forward (``fuse_training_tail=None``) takes these functions: where
+#: they were measured faster than plain autograd (docs/benchmarks.md).  Not CUDA: they dispatch about 4× the ops
+#: of plain autograd (launch-bound on a GPU up to large batches) and no GPU has measured them yet
+DEVICES = ('cpu',)
 
 
 def _folded_bn_forward(g: Tensor, w2: Tensor, gamma2: Tensor, beta2: Tensor, bn2: tuple):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import fusion
 from . import _fused, _state
 from ._common import (NORMS, PATHS, ConvBase, Proxy, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
-                      channel_rows, is_channels_last, kaiming_conv_init_, member, tracing_for_export)
+                      channel_rows, is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -210,12 +210,15 @@ class MultiLayerConv(ConvBase):
     #: (anything else: the plain autograd path)
     fused_mix: Optional[str] = None
     #: train-mode forward through :mod:`~mdplug.nn._fused` (1×1 layers: the whole layer in one function; others:
-    #: the tail after the shared conv; same function and gradients, less memory and time); set False on an
-    #: instance to use plain autograd
-    fuse_training_tail: bool = True
+    #: the tail after the shared conv; same function and gradients, less memory, more but smaller ops): None
+    #: (default) where it was measured to win, on the devices in ``_fused.DEVICES`` (the CPU; on CUDA plain
+    #: autograd, docs/benchmarks.md); True wherever it applies; False never (plain autograd)
+    fuse_training_tail: Optional[bool] = None
 
     def _use_fused_tail(self) -> bool:
-        return (self.fuse_training_tail and self.fused_mix is not None and self.training and self.bypass
+        fuse = self.fuse_training_tail
+        return ((fuse or (fuse is None and self.expand.weight.device.type in _fused.DEVICES))
+                and self.fused_mix is not None and self.training and self.bypass
                 and self.norm == 'branch' and torch.is_grad_enabled() and _fused.can_fuse(self.expand_bn)
                 and _fused.can_fuse(self.project_bn) and not tracing_for_export())
 
@@ -365,6 +368,17 @@ class MultiLayerConv(ConvBase):
             weight = torch.baddbmm(self.weight.reshape(1, q, -1), left, w1.expand(b, -1, -1))
         return weight.reshape((b, q) + tuple(self.weight1.shape[1:])), None if bias is None else bias.expand(b, q)
 
+    def _left_bias(self, left: Tensor) -> Optional[Tensor]:
+        """Eq. 7's bias ``left·b1' + b'`` (B, q) from ``left`` (B, q, m) (``W2'·A(x)`` or ``W2'·Φ(x)``) in one
+        op, or None without biases."""
+        if self.bias1 is None:
+            return self._static_bias(None)
+        b, q = left.shape[0], self.out_channels
+        col = self.bias1.view(1, self.m, 1).expand(b, -1, -1)
+        if self.bias is None:
+            return torch.bmm(left, col).view(b, q)
+        return torch.baddbmm(self.bias.view(1, q, 1), left, col).view(b, q)
+
     def _static_bias(self, dynamic: Optional[Tensor]) -> Optional[Tensor]:
         """``dynamic + b'`` for a (B, q) dynamic bias part or None."""
         if self.bias is None:
@@ -373,39 +387,14 @@ class MultiLayerConv(ConvBase):
 
     def _matrices(self) -> Tuple[Optional[Tensor], ...]:
         """The compact parameters of a 1×1 layer as the matrices the batch-1 path multiplies: W0' (q, p),
-        b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent.
-
-        Views, made once and reused while grad mode is off and the parameters keep their memory (making the five
-        views at every call cost about 1 % of mobilenetv2_100's batch-1 forward).  With grad mode on (gradients
-        must reach the parameters) or a dispatch mode active (fake tensors) they are made at every call.
-        ``_apply`` (``.to()``, ``.half()``) and pickling/deepcopy drop them.
-        """
-        tensors = (member(self, 'weight'), member(self, 'bias'), member(self, 'weight1'), member(self, 'bias1'),
-                   member(self, 'weight2'))
-        # (not under a dispatch mode either: fake tensors have no memory to compare, FlopCounterMode needs none)
-        remember = not torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
-        if remember:
-            # (same memory, same views: a replaced parameter or ``.data`` has new memory while the views hold
-            # the old one)
-            key = tuple([0 if t is None else t.data_ptr() for t in tensors])
-            cached = self.__dict__.get('_matrices_cache')
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        b' (q, 1), W1' (m, p), b1' (m, 1), W2' (q, m), None where absent; views, made at every call (keeping
+        them between calls measured 1–2 % of mobilenetv2_100's batch-1 forward, below the 3 % a shortcut must
+        win, docs/benchmarks.md)."""
         q, p, m = self.out_channels, self.in_channels, self.m
-        shapes = ((q, p), (q, 1), (m, p), (m, 1), (q, m))
-        views = tuple(None if t is None else t.view(shape) for t, shape in zip(tensors, shapes))
-        if remember:
-            self.__dict__['_matrices_cache'] = (key, views)
-        return views
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop('_matrices_cache', None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop('_matrices_cache', None)
-        return state
+        tensors = (self.weight, self.bias, self.weight1, self.bias1,
+                   self.weight2)
+        return tuple(None if t is None else t.view(shape)
+                     for t, shape in zip(tensors, ((q, p), (q, 1), (m, p), (m, 1), (q, m))))
 
     def _left_one(self, w2: Tensor, coeff: Tensor) -> Tensor:  # pragma: no cover - overridden
         """``W2'·A(x)`` (or ``W2'·Φ(x)``) for one sample, (q, m), from the (q, m) matrix ``w2``."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import GATES, channel_matmul, member
+from ._common import GATES, channel_matmul
 from .mdconv import MDConv2d
 
 
@@ -37,7 +37,7 @@ class DCDConv2d(MDConv2d):
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
         """Φ(x), (B, m, m)."""
-        phi = member(self, 'attention')(x)
+        phi = self.attention(x)
         return phi.reshape(phi.shape[0], self.m, self.m)
 
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ class DCDConv2d(MDConv2d):
 
     def _left(self, phi: Tensor) -> Tensor:
         """``W2'·Φ(x)``, (B, q, m)."""
-        return torch.matmul(member(self, 'weight2').reshape(self.out_channels, self.m), phi)
+        return torch.matmul(self.weight2.reshape(self.out_channels, self.m), phi)
 
     def _left_one(self, w2: Tensor, phi: Tensor) -> Tensor:
         return torch.mm(w2, phi.view(self.m, self.m))
@@ -65,7 +65,7 @@ class DCDConv2d(MDConv2d):
     def _left_and_bias(self, phi: Tensor):
         """``W2'·Φ(x)`` (B, q, m) and the bias ``W2'·Φ(x)·b1' + b'`` (B, q) or None."""
         left = self._left(phi)
-        return left, self._static_bias(None if self.bias1 is None else torch.matmul(left, self.bias1))
+        return left, self._left_bias(left)
 
     def _kernel_bias(self, fb: dict, phi: Tensor):
         return fusion.dcd_kernel_bias(fb['w0'], fb['b0'], fb['w1'], fb['b1'], fb['w2'], fb['b2'], phi)

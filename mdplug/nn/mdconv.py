@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice, calls_forward, member, no_global_module_hooks, tracing_for_export
+from ._common import Attention, _check_choice, calls_forward, no_global_module_hooks, tracing_for_export
 from ._multilayer import MultiLayerConv
 
 
@@ -61,7 +61,7 @@ class MDConv2d(MultiLayerConv):
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
         """The diagonal of A(x), (B, m) (Eq. 1–2)."""
-        return member(self, 'attention')(x)
+        return self.attention(x)
 
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
         return self._apply_coefficients(h, self.dynamic_coefficients(x))
@@ -97,14 +97,14 @@ class MDConv2d(MultiLayerConv):
         """The attention output for the batch-1 path (untraced): :meth:`Attention.coefficients` directly when
         calling the attention network would run exactly its forward (:func:`calls_forward`; saves the module
         call), else :meth:`dynamic_coefficients`."""
-        att = member(self, 'attention')
+        att = self.attention
         if calls_forward(att, Attention) and no_global_module_hooks():
             return att.coefficients(x, False)
         return self.dynamic_coefficients(x)
 
     def _left(self, coeff: Tensor) -> Tensor:
         """``W2'·A(x)``, (B, q, m): A scales the columns of W2' by broadcasting."""
-        return member(self, 'weight2').reshape(self.out_channels, self.m) * coeff.unsqueeze(1)
+        return self.weight2.reshape(self.out_channels, self.m) * coeff.unsqueeze(1)
 
     def _left_one(self, w2: Tensor, coeff: Tensor) -> Tensor:
         return w2 * coeff  # (q, m) · (1, m): A scales the columns of W2'
@@ -112,14 +112,8 @@ class MDConv2d(MultiLayerConv):
     def _left_and_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """``W2'·A(x)`` (B, q, m) (A scales the columns of W2' by broadcasting) and the bias of Eq. 7,
         ``W2'·A(x)·b1' + b'`` (B, q) or None."""
-        w2 = self.weight2.reshape(self.out_channels, self.m)
-        if self.bias1 is None:
-            bias = self._static_bias(None)
-        elif self.bias is None:
-            bias = (coeff * self.bias1) @ w2.t()
-        else:
-            bias = torch.addmm(self.bias, coeff * self.bias1, w2.t())
-        return self._left(coeff), bias
+        left = self._left(coeff)
+        return left, self._left_bias(left)
 
     def _compact_kernel_bias(self, coeff: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Eq. 6–7 from the stored compact parameters with few ops."""
