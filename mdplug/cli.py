@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('--num-classes', type=int, default=None)
     c.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
     c.add_argument('--checkpoint', help='static weights to load into the model before converting')
+    c.add_argument('--init', default='preserve', choices=('preserve', 'fresh'),
+                   help="'preserve': the converted model computes what the static one did (fine-tuning trained "
+                        "weights); 'fresh': new parameters as freshly built (training from scratch)")
     c.add_argument('--out', help='write a checkpoint of the converted model (see --form)')
     c.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
     c.add_argument('-v', '--verbose', action='store_true', help='list every conv and why it was replaced or kept')
@@ -167,7 +170,7 @@ def cmd_convert(a) -> int:
     options = dict(select=a.select, exclude=list(a.exclude), keep_stem=a.keep_stem, keep_head=a.keep_head)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
     try:
-        model, p = convert_with_plan(model, a.kind, example_inputs=example, **options, **layer_kwargs)
+        model, p = convert_with_plan(model, a.kind, example_inputs=example, init=a.init, **options, **layer_kwargs)
     except ValueError as e:
         raise UsageError(_one_line(e)) from e
     expanding = dict(params=count_params(model), macs=count_macs(model, size))

@@ -108,7 +108,7 @@ def rebuild(meta: dict, form: Optional[str] = None) -> nn.Module:
     layer_kwargs = opts.pop('layer_kwargs', {}) or {}
     model = build_model(meta['model'], **(meta.get('model_kwargs') or {}))
     model.eval()
-    convert(model, meta['kind'], **opts, **layer_kwargs)
+    convert(model, meta['kind'], init='fresh', **opts, **layer_kwargs)  # (the state_dict overwrites the weights)
     if (form or meta['form']) == 'compact':
         compact_with_notes(model)
     return model
