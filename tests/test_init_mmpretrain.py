@@ -120,11 +120,11 @@ def test_runner_loads_the_pretrained_static_model_into_the_converted_one(tmp_pat
     spec = importlib.util.spec_from_file_location('mdplug_tools_train', osp.join(ROOT, 'tools', 'train.py'))
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    loaders = [f'{loader}.{opt}' for loader in ('train_dataloader', 'val_dataloader')
+               for opt in ('dataset.indices=16', 'num_workers=0', 'persistent_workers=False')]
     opts = [f'model.backbone.backbone.init_cfg.checkpoint={path}', f'model.head.init_cfg.checkpoint={path}',
-            'train_dataloader.dataset.indices=16', 'train_dataloader.batch_size=16', 'val_dataloader.dataset.indices=16',
-            'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
-            'val_dataloader.persistent_workers=False', 'train_cfg.max_epochs=1', 'param_scheduler.T_max=1',
-            'param_scheduler.end=1']
+            'train_dataloader.batch_size=16', 'train_cfg.max_epochs=1', 'param_scheduler.T_max=1',
+            'param_scheduler.end=1'] + loaders
     config = tmp_path / 'finetune_recorded.py'
     config.write_text(f"_base_ = {osp.join(FINETUNE, 'smallnet_x1_maconv.py')!r}\n"
                       "custom_hooks = [dict(type='RecordStartHook')]\n")
@@ -139,3 +139,13 @@ def test_runner_loads_the_pretrained_static_model_into_the_converted_one(tmp_pat
     kernel = static.state_dict()['backbone.layer1.pointwise.conv.weight']
     w0 = SEEN['state']['backbone.layer1.pointwise.conv.expand.weight'][:kernel.shape[0]]
     torch.testing.assert_close(w0, kernel)
+
+
+def test_a_missing_pretrained_checkpoint_is_a_clear_error(tmp_path):
+    cfg = Config.fromfile(osp.join(FINETUNE, 'smallnet_x1_mdconv.py'))
+    point_at(cfg, str(tmp_path / 'nowhere.pth'))
+    with pytest.raises(FileNotFoundError, match=r"mdplug.Converted: .*'SmallNet'.*nowhere.pth.*does not exist.*"
+                                                 r"model.backbone.backbone.init_cfg.checkpoint=PATH"):
+        runtime.build_model(cfg)
+    cfg.model.backbone.backbone.init_cfg = None  # what a tool loading a checkpoint of the converted model may do
+    assert runtime.build_model(cfg) is not None

@@ -151,7 +151,7 @@ def test_temperature_anneals_linearly_then_holds():
 
 def test_temperature_hook_reaches_real_dyconv_layers():
     model = MODELS.build(dict(type='mdplug.Converted', backbone=dict(type='SmallNet'), kind='dyconv',
-                              input_shape=(3, 32, 32), temperature=30.0))
+                              input_shape=(3, 32, 32), temperature=30.0, init='fresh'))
     assert TemperatureAnnealHook.set_temperature(model, 7.0) == 3
     layer = next(m for m in model.modules() if isinstance(m, DYConv2d)).eval()
     x = torch.randn(1, 16, 8, 8)

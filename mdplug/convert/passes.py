@@ -109,9 +109,9 @@ def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = '
         _swap(model, refs, d.name, conv, new)
     if unmatched:
         shown = ', '.join(unmatched[:5]) + (f' and {len(unmatched) - 5} more' if len(unmatched) > 5 else '')
-        note = (f"init='preserve': {len(unmatched)} converted convs ({shown}) are not known to feed a BatchNorm alone: in eval "
-                f"mode the model computes what it did, but in train mode BN0 normalises their outputs with batch "
-                f"statistics, so training starts from a different function there")
+        note = (f"init='preserve': {len(unmatched)} converted convs ({shown}) are not known to feed a BatchNorm "
+                f"alone: in eval mode the model computes what it did, but in train mode BN0 normalises their outputs "
+                f"with batch statistics, so training starts from a different function there")
         p.notes.append(note)
         warnings.warn(note, stacklevel=3)
     return model, p

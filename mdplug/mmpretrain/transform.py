@@ -6,6 +6,7 @@ in DDP and builds the optimizer. The result *is* the inner backbone (same class,
 layers that were not converted).
 """
 import copy
+import os.path as osp
 import types
 import warnings
 
@@ -80,7 +81,16 @@ def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), init: str = 
     check_init(init, f'{CONVERTED}: init')
     from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
     model = MMPRETRAIN_MODELS.build(copy.deepcopy(backbone))
-    first = init == 'preserve' or _pretrained_cfg(model) is not None
+    pretrained = _pretrained_cfg(model)
+    ckpt = str((pretrained or {}).get('checkpoint', ''))
+    if pretrained is not None and '://' not in ckpt and not osp.isfile(ckpt):
+        raise FileNotFoundError(
+            f"{CONVERTED}: the inner backbone {backbone.get('type')!r} has init_cfg=dict(type='Pretrained', "
+            f"checkpoint={ckpt!r}), which does not exist; a converted backbone loads it when it is built, before it "
+            f"is converted. Point it at the static model's checkpoint (--cfg-options "
+            f"model.backbone.backbone.init_cfg.checkpoint=PATH), or drop it where a checkpoint of the converted "
+            f"model is loaded afterwards (model.backbone.backbone.init_cfg=None)")
+    first = init == 'preserve' or pretrained is not None
     if first and hasattr(model, 'init_weights'):
         model.init_weights()
     example_inputs = torch.randn(1, *input_shape)
