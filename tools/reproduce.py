@@ -165,7 +165,7 @@ def cfg_options(args, exp, seed=None, train=True):
         opts.append(f'{loader}.num_workers={args.num_workers}')
     if args.test_size:
         opts += [f'{loader}.dataset.indices={args.test_size}' for loader in ('val_dataloader', 'test_dataloader')]
-    if exp.pretrain:  # (a converted backbone loads it when it is built, by every tool)
+    if exp is not None and exp.pretrain:  # (a converted backbone loads it when it is built, by every tool)
         opts += [f'{part}.init_cfg.checkpoint={pretrained_checkpoint(args, exp)}' for part in exp.init_cfgs]
     if not train:
         return opts
@@ -253,11 +253,11 @@ def run_experiment(args, exp, seed):
         compact = osp.join(wd, 'compact.pth')
         call_tool(['tools/deploy.py', exp.config, checkpoint, compact] + test_opts)
         out = osp.join(wd, 'test_compact.json')
-        if exp.deploy == 'static':
-            test = ['tools/test.py', exp.static_config, compact]
+        if exp.deploy == 'static':  # (the static config loads no pretrained checkpoint)
+            test = ['tools/test.py', exp.static_config, compact, '--cfg-options'] + cfg_options(args, None, train=False)
         else:
-            test = ['tools/test.py', exp.config, compact, '--deployed']
-        call_tool(test + ['--work-dir', osp.join(wd, 'test_compact'), '--out', out] + data_root + test_opts)
+            test = ['tools/test.py', exp.config, compact, '--deployed'] + test_opts
+        call_tool(test + ['--work-dir', osp.join(wd, 'test_compact'), '--out', out] + data_root)
         result.update(compact_accuracy=read_json(out)['accuracy/top1'], compact_form=exp.deploy,
                       compact_config=exp.static_config if exp.deploy == 'static' else exp.config)
     result['seconds'] = round(time.time() - start, 1)
