@@ -106,8 +106,9 @@ class MultiLayerConv(ConvBase):
         ``init='fresh'``: everything else as freshly built (the paper's from-scratch training).
         ``init='preserve'``: the layer computes what ``conv`` did (Eq. 3 with the multi-layer branch silenced):
         the branch's last BN (``project_bn``; ``project`` itself for ``norm='sum' | 'none'``) starts at zero scale,
-        so the branch adds exactly 0 in both modes while W1, W2 and A(x) are fresh and start learning on the first
-        step (through that scale); BN0 starts as the identity in eval mode with the conv's bias as its shift.
+        so the branch adds exactly 0 in both modes; W1, W2 and A(x) are fresh, that scale gets a gradient at the
+        first step and they do once it is non-zero (as with a zero-initialised last BN of a residual block); BN0
+        starts as the identity in eval mode with the conv's bias as its shift.
         ``output_stats``: the running ``(mean, var)`` of the BatchNorm that reads ``conv``'s output, where there is
         one; BN0 then starts with them (``running_var = var``, ``weight = sqrt(var + eps)``, still the identity in
         eval mode), so that in train mode its batch normalisation keeps the scale the following BN expects.  In
