@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="classes of the model's classifier (default: the model's own)")
     c.add_argument('--checkpoint', help='static weights (a state_dict) to load into the model before converting '
                                         '(default: random weights)')
+    c.add_argument('--init', default='preserve', choices=('preserve', 'fresh'),
+                   help="'preserve': the converted model computes what the static one did (fine-tuning trained "
+                        "weights); 'fresh': new parameters as freshly built (training from scratch)")
     c.add_argument('--out', help='write an mdplug checkpoint of the converted model in --form (default: nothing '
                                  'written)')
     c.add_argument('--float64', action='store_true',
@@ -357,7 +360,8 @@ def cmd_convert(a) -> int:
         static = dict(params=count_params(model), macs=count_macs(model, size))
         example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
         try:
-            model, p = convert_with_plan(model, kind, example_inputs=example, **options, **layer_kwargs)
+            model, p = convert_with_plan(model, kind, example_inputs=example, init=a.init, **options,
+                                         **layer_kwargs)
         except NothingToConvert as e:
             from mdplug.convert.planner import plan
             full = plan(model, kind, example_inputs=example, **options).nothing_matched(verbose=True)

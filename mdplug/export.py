@@ -135,7 +135,8 @@ def export_model(name: str, kind: str, onnx_path: str, select: Optional[str] = N
             notes.append(f'{name} already holds {len(held)} mdplug layers: exported their compact form, nothing '
                          f'converted')
         else:
-            convert(model, kind=kind, select=select or 'pointwise', **layer_kwargs)
+            # random weights: 'fresh' keeps every branch live, so the onnxruntime check sees the dynamic paths work
+            convert(model, kind=kind, select=select or 'pointwise', init='fresh', **layer_kwargs)
     size = _input_size(model, input_size)
     export_onnx(model, onnx_path, size, opset=opset)
     errors = check_onnx(onnx_path, model, check_batches, size) if check_batches else {}

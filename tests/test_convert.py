@@ -282,8 +282,8 @@ def test_compact_equals_expanding(name, kind, select, kw):
     statistics its ungated m×m attention grew random-weight deep nets until float32 overflowed)."""
     model = build(name, **kw).eval()
     x = small_input()
-    model, p = convert_with_plan(model, kind, select=select, example_inputs=x[:1], **({'m': 8} if kind in (
-        'mdconv', 'maconv', 'dcd') else {}))
+    layer_kwargs = {'m': 8} if kind in ('mdconv', 'maconv', 'dcd') else {}
+    model, p = convert_with_plan(model, kind, select=select, example_inputs=x[:1], init='fresh', **layer_kwargs)
     assert len(p.replace) > 0
     calibrate_bn(model, x)
     with torch.no_grad():

@@ -27,7 +27,7 @@ def small_net() -> nn.Module:
 
 def converted(kind: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(convert(small_net(), kind=kind, select='all', **kwargs)).eval()
+    return randomize_bn(convert(small_net(), kind=kind, select='all', init='fresh', **kwargs)).eval()
 
 
 class _Probe(nn.Module):
@@ -122,7 +122,7 @@ def test_cli_export(tmp_path, capsys):
 def tiny(kind: str) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1))
-    return convert(net, kind=kind, select='all', keep_stem=False, keep_head=False,
+    return convert(net, kind=kind, select='all', keep_stem=False, keep_head=False, init='fresh',  # every branch live
                    example_inputs=torch.randn(1, 4, 8, 8))  # a 4-channel net: the default 3-channel image cannot run
 
 

@@ -187,8 +187,8 @@ def test_from_conv_carries_the_static_kernel():
     torch.testing.assert_close(md.W0, conv.weight)
     assert not md.training and md.stride == (2, 2)
     dy = DYConv2d.from_conv(conv)
-    torch.testing.assert_close(dy(x), conv(x))  # every expert is the static kernel: same function
-    se = SEConv2d.from_conv(conv)
+    torch.testing.assert_close(dy(x), conv(x))  # init='preserve': the experts average to the static kernel
+    se = SEConv2d.from_conv(conv, init='fresh')
     torch.testing.assert_close(se.conv.weight, conv.weight)
     ma = MAConv2d.from_conv(conv, norm='none', m=3)
     torch.testing.assert_close(ma.bias, conv.bias)

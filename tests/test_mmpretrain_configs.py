@@ -49,9 +49,30 @@ def test_generated_configs_are_up_to_date(tmp_path, monkeypatch):
             assert fresh.read() == committed.read(), f'configs/{rel} is stale: run tools/gen_configs.py'
 
 
+def pretrained_parts(model_cfg):
+    """The parts of a model config with an ``init_cfg=dict(type='Pretrained')`` (the fine-tuning configs)."""
+    parts = [model_cfg.get('backbone'), model_cfg.get('head'), (model_cfg.get('backbone') or {}).get('backbone')]
+    return [p for p in parts if isinstance(p, dict) and (p.get('init_cfg') or {}).get('type') == 'Pretrained']
+
+
+def point_pretrained_at_a_written_checkpoint(cfg, tmp_path):
+    """Write the static model's checkpoint that the config's ``Pretrained`` init_cfgs load, and point them at it."""
+    parts = pretrained_parts(cfg.model)
+    if not parts:
+        return
+    static_cfg = mdplug.mmpretrain.unwrap_converted(cfg.model)
+    for part in pretrained_parts(static_cfg):
+        part.pop('init_cfg')
+    path = str(tmp_path / 'static.pth')
+    torch.save({'state_dict': runtime.build_model(Config(dict(cfg.to_dict(), model=static_cfg))).state_dict()}, path)
+    for part in parts:
+        part['init_cfg']['checkpoint'] = path
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: osp.relpath(p, osp.join(ROOT, 'configs')))
-def test_config_builds_and_runs_forward(path):
+def test_config_builds_and_runs_forward(path, tmp_path):
     cfg = Config.fromfile(path)
+    point_pretrained_at_a_written_checkpoint(cfg, tmp_path)
     channels, height, width = runtime.input_shape(cfg)
     if height > SMALL_IMAGENET:
         height = width = SMALL_IMAGENET

@@ -62,7 +62,7 @@ def test_converted_backbone_keeps_its_class_and_unconverted_keys():
 def test_init_weights_leaves_mdplug_layers_as_they_initialise_themselves(backbone, select, monkeypatch):
     """The backbones' ``init_weights`` walk every ``nn.Conv2d``/BN (ShuffleNetV2 sets BN bias 1e-4, normal conv
     init); afterwards every mdplug layer has been reset by its own ``reset_parameters``."""
-    model = converted(backbone, 'mdconv', select=select, m=8)
+    model = converted(backbone, 'mdconv', select=select, m=8, init='fresh')
     layers = [m for m in model.modules() if isinstance(m, MDConv2d)]
     assert layers
     calls = []
@@ -78,7 +78,7 @@ def test_init_weights_leaves_mdplug_layers_as_they_initialise_themselves(backbon
 
 def test_init_weights_of_a_converted_copy_resets_the_copy():
     import copy
-    model = converted(dict(type='ShuffleNetV2', widen_factor=0.5), 'mdconv', m=8)
+    model = converted(dict(type='ShuffleNetV2', widen_factor=0.5), 'mdconv', m=8, init='fresh')
     clone = copy.deepcopy(model)
     clone.init_weights()
     layer = next(m for m in clone.modules() if isinstance(m, MDConv2d))
@@ -151,7 +151,7 @@ def test_temperature_anneals_linearly_then_holds():
 
 def test_temperature_hook_reaches_real_dyconv_layers():
     model = MODELS.build(dict(type='mdplug.Converted', backbone=dict(type='SmallNet'), kind='dyconv',
-                              input_shape=(3, 32, 32), temperature=30.0))
+                              input_shape=(3, 32, 32), temperature=30.0, init='fresh'))
     assert TemperatureAnnealHook.set_temperature(model, 7.0) == 3
     layer = next(m for m in model.modules() if isinstance(m, DYConv2d)).eval()
     x = torch.randn(1, 16, 8, 8)

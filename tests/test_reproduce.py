@@ -17,6 +17,7 @@ def reproduce(tmp_path, *extra):
     argv = [sys.executable, osp.join(ROOT, 'tools', 'reproduce.py'), '--suite', 'tiny', '--seeds', '0',
             '--epochs', '1', '--train-size', '256', '--test-size', '256', '--work-dir', str(tmp_path / 'runs'),
             '--docs', str(tmp_path / 'results.md'), '--plots-dir', str(tmp_path / 'plots'), *extra]
+    # (argparse keeps the last of a repeated option: ``extra`` overrides the defaults above)
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -79,3 +80,27 @@ def test_evaluation_uses_the_temperature_training_ended_with():
     assert temperatures() == {1.0}
     static = Config.fromfile(osp.join(ROOT, 'configs', 'fashion_mnist', 'smallnet_x1_static.py'))
     assert runtime.set_trained_temperature(runtime.build_model(static), static) == 0
+
+
+@pytest.mark.skipif(not osp.isdir(DATA), reason=f"no Fashion-MNIST in {DATA} (apt-get install dataset-fashion-mnist)")
+def test_finetune_suite_pretrains_once_then_fine_tunes_from_its_checkpoint(tmp_path):
+    """Issue 16's recipe: the static pretraining run first, then static / MAConv / MDConv (init='preserve') fine-tuned
+    from its last checkpoint, deployed and reported; resumable like the others."""
+    argv = ['--suite', 'finetune', '--pretrain-epochs', '1', '--test-size', '128', '--train-size', '128']
+    out = reproduce(tmp_path, *argv)
+    assert '0/1 runs already finished' in out and '0/3 runs already finished' in out
+    runs = tmp_path / 'runs' / 'e1_n128_t128'
+    pre = runs / 'pretrain_static_e1' / 'seed0'
+    checkpoint = str(pre / 'epoch_1.pth')
+    for kind in ('static', 'maconv', 'mdconv'):
+        result = json.loads((runs / f'ft_{kind}_from_e1' / 'seed0' / 'result.json').read_text())
+        assert result['epochs'] == 1
+        log = (runs / f'ft_{kind}_from_e1' / 'seed0' / 'reproduce.log').read_text()
+        assert f'init_cfg.checkpoint={checkpoint}' in log and 'load backbone. in model from' in log
+        if kind != 'static':
+            assert result['compact_accuracy'] == result['accuracy']
+    text = (tmp_path / 'results.md').read_text()
+    assert "| MAConv (init='preserve'), fine-tuned | " in text and 'static model trained for 1 epochs' in text
+    assert (tmp_path / 'plots' / 'finetune.png').read_bytes()[:4] == b'\x89PNG'
+    out = reproduce(tmp_path, *argv)
+    assert '1/1 runs already finished' in out and '3/3 runs already finished' in out

@@ -50,7 +50,8 @@ def test_every_kind_runs_a_channels_last_model_like_timm_scripts_do():
     x_cl = x.contiguous(memory_format=torch.channels_last)
     for kind in sorted(LAYERS):
         kwargs = dict(m=8) if kind in ('maconv', 'mdconv', 'dcd') else {}
-        m = convert(timm.create_model('mobilenetv2_050'), kind, example_inputs=x[:1].float(), **kwargs)
+        m = convert(timm.create_model('mobilenetv2_050'), kind, example_inputs=x[:1].float(), init='fresh',
+                    **kwargs)
         calibrate_bn(m, x.float())
         m.double()
         with torch.no_grad():  # (train-mode forwards on copies: they update the running statistics)
@@ -87,7 +88,7 @@ def test_halonet_converts_exactly_in_float64():
     from mdplug.convert.passes import convert_with_plan
     m = timm.create_model('halonet_h1').eval()
     size = m.pretrained_cfg['input_size']  # 256: its halo blocks need maps divisible by 8 down to stride 32
-    m, p = convert_with_plan(m, 'mdconv', example_inputs=torch.randn(1, *size))
+    m, p = convert_with_plan(m, 'mdconv', example_inputs=torch.randn(1, *size), init='fresh')
     assert len(p.replace) == 79 and not p.notes
     r = equivalence(m.double(), size, batch=1)
     assert r['max_abs_diff'] <= 1e-6 * r['max_abs_out']  # measured 3e-11; a conversion error gives > 1e-3

@@ -34,11 +34,12 @@ def literal(value):
     return repr(value)
 
 
-def converted(backbone, kind, select, input_shape, **overrides):
-    """The ``mdplug.Converted`` backbone dict of ``kind`` around ``backbone``."""
+def converted(backbone, kind, select, input_shape, init='fresh', **overrides):
+    """The ``mdplug.Converted`` backbone dict of ``kind`` around ``backbone``; ``init='fresh'``: the paper's rows
+    train from scratch (every new parameter as the layer builds it, DYConv's experts drawn independently)."""
     args = dict(KIND_ARGS[kind], **overrides)
     return dict(_delete_=True, type='mdplug.Converted', backbone=backbone, kind=kind, select=select,
-                input_shape=input_shape, **args)
+                input_shape=input_shape, init=init, **args)
 
 
 class Writer:
@@ -289,12 +290,49 @@ def fashion_mnist(w):
     """Not in the paper: the data that exists on a machine without downloads; the CIFAR recipe on 32x32 grey."""
     shape = (1, 32, 32)
     kinds = ('static', 'maconv', 'mdconv', 'dyconv', 'dcd')
+    smallnet = dict(type='SmallNet', widen_factor=1, in_channels=1)
+    mbv2 = cifar_mbv2_backbone(0.35, in_channels=1)
     kind_rows(w, 'fashion_mnist', 'smallnet_x1', 'Fashion-MNIST (not in the paper): SmallNet x1',
-              bases('smallnet', 'fashion_mnist_bs32', 'cifar_cosine_200e'),
-              dict(type='SmallNet', widen_factor=1, in_channels=1), 'pointwise', shape, None, kinds)
+              bases('smallnet', 'fashion_mnist_bs32', 'cifar_cosine_200e'), smallnet, 'pointwise', shape, None, kinds)
     kind_rows(w, 'fashion_mnist', 'mobilenet_v2_cifar_x035', 'Fashion-MNIST (not in the paper): MobileNetV2-CIFAR '
-              'x0.35', bases('mobilenet_v2_cifar', 'fashion_mnist_bs32', 'cifar_cosine_200e'),
-              cifar_mbv2_backbone(0.35, in_channels=1), 'pointwise', shape, None, kinds)
+              'x0.35', bases('mobilenet_v2_cifar', 'fashion_mnist_bs32', 'cifar_cosine_200e'), mbv2, 'pointwise',
+              shape, None, kinds)
+    for stem, backbone in (('smallnet_x1', smallnet), ('mobilenet_v2_cifar_x035', mbv2)):
+        finetune_rows(w, stem, backbone, shape)
+
+
+#: where ``tools/train.py configs/fashion_mnist/<stem>_static.py`` leaves its last checkpoint (200 epochs)
+FINETUNE_FROM = 'work_dirs/{stem}_static/epoch_200.pth'
+FINETUNE_EPOCHS = 20
+FINETUNE_LR = 0.01
+
+
+def pretrained(checkpoint, prefix):
+    return dict(type='Pretrained', checkpoint=checkpoint, prefix=prefix)
+
+
+def finetune_rows(w, stem, backbone, shape):
+    """Fine-tuning a trained static model (issue 16): static, MAConv and MDConv with ``init='preserve'``.
+
+    Each starts from the static model's checkpoint (backbone and head through ``Pretrained`` init_cfgs; a converted
+    backbone loads it before it is converted) and trains the same extra budget at a tenth of the learning rate.
+    """
+    ckpt = FINETUNE_FROM.format(stem=stem)
+    head = dict(init_cfg=pretrained(ckpt, 'head.'))
+    schedule = [f'optim_wrapper = dict(optimizer=dict(lr={FINETUNE_LR}))',
+                f'param_scheduler = dict(T_max={FINETUNE_EPOCHS}, end={FINETUNE_EPOCHS})',
+                f'train_cfg = dict(max_epochs={FINETUNE_EPOCHS})']
+    title = (f'Fine-tuning a trained model (not in the paper): {stem} on Fashion-MNIST, {{what}}, from {ckpt} '
+             f'(the static row trained to the end), {FINETUNE_EPOCHS} more epochs at lr {FINETUNE_LR}\n'
+             f'another checkpoint: --cfg-options {{key}}.init_cfg.checkpoint=PATH model.head.init_cfg.checkpoint=PATH')
+    static = dict(backbone, init_cfg=pretrained(ckpt, 'backbone.'))
+    w.write(f'fashion_mnist/finetune/{stem}_static.py', title.format(what='static', key='model.backbone'),
+            f'../{stem}_static.py', [model_line(static, head)] + schedule)
+    for kind in ('maconv', 'mdconv'):
+        w.write(f'fashion_mnist/finetune/{stem}_{kind}.py',
+                title.format(what=f"{KIND_NAMES[kind]}, init='preserve'", key='model.backbone.backbone'),
+                f'./{stem}_static.py',
+                [model_line(converted(static, kind, 'pointwise', shape, init='preserve'))])
 
 
 INDEX_INTRO = f"""<!-- {HEADER[2:]} -->
@@ -332,8 +370,8 @@ one into the static config (see the README, "Using a trained checkpoint in mmpre
 def write_index(w):
     """``configs/README.md``: every generated config with its table row."""
     lines = [INDEX_INTRO]
-    for folder in ('imagenet', 'cifar10', 'cifar100', 'svhn', 'ablation', 'fashion_mnist'):
-        rows = sorted(p for p in w.titles if p.startswith(folder + '/'))
+    for folder in ('imagenet', 'cifar10', 'cifar100', 'svhn', 'ablation', 'fashion_mnist', 'fashion_mnist/finetune'):
+        rows = sorted(p for p in w.titles if p.startswith(folder + '/') and '/' not in p[len(folder) + 1:])
         lines += [f'## {folder}', '', '| config | row |', '|---|---|']
         lines += [f'| [{osp.basename(p)}]({p}) | {w.titles[p]} |' for p in rows]
         lines.append('')

@@ -10,6 +10,11 @@ the PNG plots from the results on disk.
 Suites (``--suite``): ``table5``, ``deploy`` (the expanding models of ``table5``), ``table8``, ``table9``,
 ``table10``, ``default`` (all of them, most important first), ``table5_mbv2`` (MobileNetV2-CIFAR x0.35, slow on a CPU)
 and ``tiny`` (the smoke test: MAConv and MDConv).
+
+``finetune`` / ``finetune_mbv2`` (issue 16: does MAConv/MDConv help a model that is already trained?): first the
+static model is trained for ``--pretrain-epochs`` (one run, seed 0; its curve shows whether it has converged), then
+``configs/fashion_mnist/finetune/`` fine-tunes it for ``--epochs`` more as static, MAConv and MDConv with
+``init='preserve'`` (every seed starts from that one checkpoint), each deployed and re-tested like the others.
 """
 import argparse
 import json
@@ -25,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FM = 'configs/fashion_mnist'
 AB = 'configs/fashion_mnist/ablation'
+FT = 'configs/fashion_mnist/finetune'
+PRETRAIN_SEED = 0
 
 
 class Experiment:
@@ -32,11 +39,16 @@ class Experiment:
 
     ``deploy`` is ``'static'`` (MAConv: the compact checkpoint is the static model of ``static_config``),
     ``'compact'`` (dynamic kinds: evaluated with ``--deployed``) or None (nothing to fold).
+    ``pretrain``: the key of the pretraining run whose last checkpoint this run fine-tunes, loaded through the
+    ``Pretrained`` init_cfgs of the config parts ``init_cfgs`` (e.g. ``model.head``); ``pretraining``: this run
+    trains for ``--pretrain-epochs`` instead of ``--epochs``.
     """
 
-    def __init__(self, key, config, label, deploy=None, static_config=None):
+    def __init__(self, key, config, label, deploy=None, static_config=None, pretrain=None, init_cfgs=(),
+                 pretraining=False):
         self.key, self.config, self.label = key, config, label
         self.deploy, self.static_config = deploy, static_config
+        self.pretrain, self.init_cfgs, self.pretraining = pretrain, tuple(init_cfgs), pretraining
 
 
 def _experiments():
@@ -71,6 +83,19 @@ def _experiments():
             f'mbv2_{kind}', f'{FM}/mobilenet_v2_cifar_x035_{kind}.py', f'MobileNetV2 x0.35 {label}',
             {'static': None, 'maconv': 'static'}.get(kind, 'compact'),
             f'{FM}/mobilenet_v2_cifar_x035_static.py' if kind == 'maconv' else None))
+    for prefix, stem in (('', 'smallnet_x1'), ('mbv2_', 'mobilenet_v2_cifar_x035')):
+        pre = f'{prefix}pretrain_static'
+        exps.append(Experiment(pre, f'{FM}/{stem}_static.py', f'{stem} static, pretraining', pretraining=True))
+        static_parts = ('model.backbone', 'model.head')
+        converted_parts = ('model.backbone.backbone', 'model.head')
+        exps += [
+            Experiment(f'{prefix}ft_static', f'{FT}/{stem}_static.py', 'Static, fine-tuned', pretrain=pre,
+                       init_cfgs=static_parts),
+            Experiment(f'{prefix}ft_maconv', f'{FT}/{stem}_maconv.py', "MAConv (init='preserve'), fine-tuned",
+                       'static', f'{FM}/{stem}_static.py', pretrain=pre, init_cfgs=converted_parts),
+            Experiment(f'{prefix}ft_mdconv', f'{FT}/{stem}_mdconv.py', "MDConv (init='preserve'), fine-tuned",
+                       'compact', pretrain=pre, init_cfgs=converted_parts),
+        ]
     return {e.key: e for e in exps}
 
 
@@ -88,6 +113,8 @@ SUITES = {
     'table10': TABLE10,
     'table5_mbv2': [f'mbv2_{k}' for k in TABLE5],
     'tiny': ['maconv', 'mdconv'],
+    'finetune': ['ft_static', 'ft_maconv', 'ft_mdconv'],
+    'finetune_mbv2': ['mbv2_ft_static', 'mbv2_ft_maconv', 'mbv2_ft_mdconv'],
 }
 # most important first: Table 5 (with the deploy check of its expanding models), then the ablations
 SUITES['default'] = list(dict.fromkeys(TABLE5 + TABLE8 + TABLE9 + TABLE10))
@@ -106,6 +133,31 @@ PAPER_MBV2_ABLATION = {'maconv': 91.110, 'maconv_nobypass': 85.450, 'mdconv': 91
 
 
 # ------------------------------------------------------------------------------------------------------ running
+def run_epochs(args, exp):
+    """How many epochs ``exp`` trains: ``--pretrain-epochs`` for a pretraining run, else ``--epochs``."""
+    return args.pretrain_epochs if exp.pretraining else args.epochs
+
+
+def run_folder(args, exp):
+    """The folder of ``exp``'s runs under the work dir: pretraining and fine-tuning runs name the pretraining length
+    (results of different pretraining never mix)."""
+    if exp.pretraining:
+        return f'{exp.key}_e{args.pretrain_epochs}'
+    if exp.pretrain:
+        return f'{exp.key}_from_e{args.pretrain_epochs}'
+    return exp.key
+
+
+def run_dir(args, exp, seed):
+    return osp.join(args.work_dir, run_folder(args, exp), f'seed{seed}')
+
+
+def pretrained_checkpoint(args, exp):
+    """The last checkpoint of the pretraining run that ``exp`` fine-tunes."""
+    pre = EXPERIMENTS[exp.pretrain]
+    return osp.join(run_dir(args, pre, PRETRAIN_SEED), f'epoch_{run_epochs(args, pre)}.pth')
+
+
 def cfg_options(args, exp, seed=None, train=True):
     """``--cfg-options`` that shorten the config's recipe to ``args.epochs`` on ``args.train_size`` images."""
     opts = [f'train_dataloader.batch_size={args.batch_size}']
@@ -113,9 +165,11 @@ def cfg_options(args, exp, seed=None, train=True):
         opts.append(f'{loader}.num_workers={args.num_workers}')
     if args.test_size:
         opts += [f'{loader}.dataset.indices={args.test_size}' for loader in ('val_dataloader', 'test_dataloader')]
+    if exp is not None and exp.pretrain:  # (a converted backbone loads it when it is built, by every tool)
+        opts += [f'{part}.init_cfg.checkpoint={pretrained_checkpoint(args, exp)}' for part in exp.init_cfgs]
     if not train:
         return opts
-    e = args.epochs
+    e = run_epochs(args, exp)
     opts += [f'train_cfg.max_epochs={e}', f'param_scheduler.T_max={e}', f'param_scheduler.end={e}',
              f'randomness.seed={seed}', 'default_hooks.checkpoint.max_keep_ckpts=1',
              'default_hooks.logger.interval=50']
@@ -175,17 +229,20 @@ def read_json(path):
 
 def run_experiment(args, exp, seed):
     """Train, test, deploy and re-test one (experiment, seed) in this process; writes its ``result.json``."""
-    wd = osp.join(args.work_dir, exp.key, f'seed{seed}')
+    wd = run_dir(args, exp, seed)
     start = time.time()
     train = ['tools/train.py', exp.config, '--work-dir', wd]
     if args.data_root:
         train += ['--data-root', args.data_root]
     if osp.isfile(osp.join(wd, 'last_checkpoint')):
         train.append('--resume')
+    if exp.pretrain and not osp.isfile(pretrained_checkpoint(args, exp)):
+        raise FileNotFoundError(f'{exp.key}: the pretraining checkpoint {pretrained_checkpoint(args, exp)} is missing')
     call_tool(train + ['--cfg-options'] + cfg_options(args, exp, seed))
-    checkpoint = osp.join(wd, f'epoch_{args.epochs}.pth')
-    result = dict(key=exp.key, config=exp.config, seed=seed, epochs=args.epochs, train_size=args.train_size,
-                  test_size=args.test_size, batch_size=args.batch_size, curve=read_curve(wd), device=device_name())
+    checkpoint = osp.join(wd, f'epoch_{run_epochs(args, exp)}.pth')
+    result = dict(key=exp.key, config=exp.config, seed=seed, epochs=run_epochs(args, exp),
+                  train_size=args.train_size, test_size=args.test_size, batch_size=args.batch_size,
+                  curve=read_curve(wd), device=device_name())
     test_opts = ['--cfg-options'] + cfg_options(args, exp, train=False)
     data_root = ['--data-root', args.data_root] if args.data_root else []
     out = osp.join(wd, 'test_expanding.json')
@@ -194,13 +251,13 @@ def run_experiment(args, exp, seed):
     result['accuracy'] = read_json(out)['accuracy/top1']
     if exp.deploy:
         compact = osp.join(wd, 'compact.pth')
-        call_tool(['tools/deploy.py', exp.config, checkpoint, compact])
+        call_tool(['tools/deploy.py', exp.config, checkpoint, compact] + test_opts)
         out = osp.join(wd, 'test_compact.json')
-        if exp.deploy == 'static':
-            test = ['tools/test.py', exp.static_config, compact]
+        if exp.deploy == 'static':  # (the static config loads no pretrained checkpoint)
+            test = ['tools/test.py', exp.static_config, compact, '--cfg-options'] + cfg_options(args, None, train=False)
         else:
-            test = ['tools/test.py', exp.config, compact, '--deployed']
-        call_tool(test + ['--work-dir', osp.join(wd, 'test_compact'), '--out', out] + data_root + test_opts)
+            test = ['tools/test.py', exp.config, compact, '--deployed'] + test_opts
+        call_tool(test + ['--work-dir', osp.join(wd, 'test_compact'), '--out', out] + data_root)
         result.update(compact_accuracy=read_json(out)['accuracy/top1'], compact_form=exp.deploy,
                       compact_config=exp.static_config if exp.deploy == 'static' else exp.config)
     result['seconds'] = round(time.time() - start, 1)
@@ -212,7 +269,7 @@ def run_experiment(args, exp, seed):
 
 def running_elsewhere(args, key, seed):
     """Whether another ``tools/reproduce.py`` is running this (experiment, seed) now (its ``worker.pid`` lives)."""
-    path = osp.join(args.work_dir, key, f'seed{seed}', 'worker.pid')
+    path = osp.join(run_dir(args, EXPERIMENTS[key], seed), 'worker.pid')
     try:
         with open(path) as f:
             os.kill(int(f.read()), 0)
@@ -223,7 +280,7 @@ def running_elsewhere(args, key, seed):
 
 def spawn_experiment(args, exp, seed):
     """Run :func:`run_experiment` in a child process (``--worker``), its output in the run's ``reproduce.log``."""
-    wd = osp.join(args.work_dir, exp.key, f'seed{seed}')
+    wd = run_dir(args, exp, seed)
     os.makedirs(wd, exist_ok=True)
     log_path = osp.join(wd, 'reproduce.log')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -243,21 +300,31 @@ def spawn_experiment(args, exp, seed):
 
 
 def result_path(args, key, seed):
-    return osp.join(args.work_dir, key, f'seed{seed}', 'result.json')
+    return osp.join(run_dir(args, EXPERIMENTS[key], seed), 'result.json')
 
 
 def run_suite(args, keys):
     """Run every (experiment, seed) of ``keys`` that has no ``result.json`` yet, ``args.jobs`` at a time.
 
-    Order: Table 5's rows (and so the deploy check) first, then the rest; seed-major within each, so a suite cut
+    Order: the pretraining runs that fine-tuning runs of ``keys`` start from (seed 0, to the end, before any of
+    them), then Table 5's rows (and so the deploy check), then the rest; seed-major within each, so a suite cut
     short still has every row with fewer seeds.
     """
+    pretraining = list(dict.fromkeys(EXPERIMENTS[k].pretrain for k in keys if EXPERIMENTS[k].pretrain))
+    if pretraining:
+        failed = run_runs(args, [(EXPERIMENTS[k], PRETRAIN_SEED) for k in pretraining])
+        if failed:
+            return failed
     groups = [[k for k in keys if k in TABLE5], [k for k in keys if k not in TABLE5]]
-    todo = [(EXPERIMENTS[k], s) for group in groups for s in args.seeds for k in group
-            if not osp.isfile(result_path(args, k, s))]
+    return run_runs(args, [(EXPERIMENTS[k], s) for group in groups for s in args.seeds for k in group])
+
+
+def run_runs(args, runs):
+    """Run each (experiment, seed) of ``runs`` that has no ``result.json`` yet, ``args.jobs`` at a time."""
+    todo = [(e, s) for e, s in runs if not osp.isfile(result_path(args, e.key, s))]
     elsewhere = [(e, s) for e, s in todo if running_elsewhere(args, e.key, s)]
     todo = [item for item in todo if item not in elsewhere]
-    total = len(keys) * len(args.seeds)
+    total = len(runs)
     print(f'{total - len(todo) - len(elsewhere)}/{total} runs already finished, {len(elsewhere)} running in another '
           f'process; {len(todo)} to run with {args.jobs} job(s) (work dir {args.work_dir})', flush=True)
     lock, done, failed, start = threading.Lock(), [0], [], time.time()
@@ -294,7 +361,7 @@ def load_results(args, keys):
     """``{key: [result, ...]}`` of the finished runs of ``keys`` (any seed found on disk)."""
     results = {}
     for key in keys:
-        folder = osp.join(args.work_dir, key)
+        folder = osp.join(args.work_dir, run_folder(args, EXPERIMENTS[key]))
         if not osp.isdir(folder):
             continue
         for seed_dir in sorted(os.listdir(folder)):
@@ -443,6 +510,80 @@ def setup_md(args, results):
             f'{" --device cuda" if args.device == "cuda" else ""}`')
 
 
+FINETUNE_ROWS = (('smallnet_x1', ''), ('mobilenet_v2_cifar_x035', 'mbv2_'))
+
+
+def finetune_md(args, results):
+    """Issue 16's experiment: the pretraining run (where its curve ends), then static / MAConv / MDConv fine-tuned
+    from it: mean ± STD over seeds, the difference to static fine-tuning ± SE, and the deploy check."""
+    lines = []
+    for stem, prefix in FINETUNE_ROWS:
+        pre = results.get(f'{prefix}pretrain_static', [])
+        if not pre and not any(results.get(f'{prefix}ft_{k}') for k in ('static', 'maconv', 'mdconv')):
+            continue
+        if pre:
+            curve = [c for c in pre[0]['curve'] if c is not None]
+            tail = ', '.join(f'{c:.2f}' for c in curve[-5:])
+            lines.append(f'**{stem}**: static model trained for {pre[0]["epochs"]} epochs (seed {pre[0]["seed"]}), '
+                         f'test accuracy {pre[0]["accuracy"]:.2f} %; its last epochs: {tail} %.')
+        else:
+            lines.append(f'**{stem}**: pretraining run not on disk.')
+        lines += ['', f'| fine-tuned for {args.epochs} epochs from it | test accuracy, mean ± STD / % '
+                  '| − static fine-tuning ± SE / pp | compact / % (deploy check) |', '|---|---|---|---|']
+        for kind in ('static', 'maconv', 'mdconv'):
+            key = f'{prefix}ft_{kind}'
+            compact = accs(results, key, 'compact_accuracy')
+            same = sum(r['compact_accuracy'] == r['accuracy'] for r in results.get(key, [])
+                       if 'compact_accuracy' in r)
+            deploy = f'{fmt(compact)}; equal in {same} of {len(compact)} runs' if compact else '–'
+            lines.append(f'| {EXPERIMENTS[key].label} | {fmt(accs(results, key))} | '
+                         f'{difference(results, key, f"{prefix}ft_static")} | {deploy} |')
+        lines.append('')
+    if not lines:
+        return (f'Not run yet: `python tools/reproduce.py --suite finetune --pretrain-epochs {args.pretrain_epochs} '
+                f'--epochs {args.epochs} --train-size 0` (and `--suite finetune_mbv2`).')
+    lines.append(f'Command: `python tools/reproduce.py --suite finetune --pretrain-epochs {args.pretrain_epochs} '
+                 f'--epochs {args.epochs} --train-size {args.train_size} --seeds {" ".join(map(str, args.seeds))}`; '
+                 f'the MAConv compact checkpoint is evaluated as the static model.')
+    return '\n'.join(lines)
+
+
+def plot_finetune(results, path):
+    """The pretraining curve, then each fine-tuning curve after it (mean over seeds)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(FINETUNE_ROWS), figsize=(11, 4))
+    for ax, (stem, prefix) in zip(axes, FINETUNE_ROWS):
+        pre = results.get(f'{prefix}pretrain_static', [])
+        start = 0
+        if pre:
+            curve = pre[0]['curve']
+            ax.plot([i + 1 for i, c in enumerate(curve) if c is not None], [c for c in curve if c is not None],
+                    color='grey', label='static, pretraining')
+            start = len(curve)
+        for kind in ('static', 'maconv', 'mdconv'):
+            key = f'{prefix}ft_{kind}'
+            curves = [r['curve'] for r in results.get(key, []) if r.get('curve')]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            means = [statistics.mean(c[i] for c in curves if c[i] is not None) for i in range(n)
+                     if any(c[i] is not None for c in curves)]
+            ax.plot(range(start + 1, start + 1 + len(means)), means, marker='o', label=f'{EXPERIMENTS[key].label} '
+                    f'(n={len(curves)})')
+        ax.set_title(f'{stem}, Fashion-MNIST')
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('test accuracy / %')
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(results, path, keys=('static', 'maconv', 'mdconv', 'dcd')):
     """Test accuracy vs epoch, mean over seeds with the min-max band (cf. the paper's Fig. 2)."""
     import matplotlib
@@ -500,7 +641,7 @@ def plot_widths(results, path):
     plt.close(fig)
 
 
-SECTIONS = ('setup', 'table5', 'curves', 'deploy', 'table8', 'table9', 'table10')
+SECTIONS = ('setup', 'table5', 'curves', 'deploy', 'table8', 'table9', 'table10', 'finetune')
 TEMPLATE = """# Reproducing the paper's comparisons on Fashion-MNIST
 
 Generated by `tools/reproduce.py` between the `reproduce:begin/end` markers; the text outside them is written by
@@ -526,6 +667,9 @@ hand and kept when the tables are regenerated.
 
 ## Table 10 analogue: width
 {table10}
+
+## Fine-tuning a trained model
+{finetune}
 """
 
 
@@ -542,12 +686,17 @@ def write_report(args):
     curves_png, widths_png = osp.join(plots, 'learning_curves.png'), osp.join(plots, 'width.png')
     plot_curves(results, curves_png)
     plot_widths(results, widths_png)
+    finetune_png = osp.join(plots, 'finetune.png')
+    plot_finetune(results, finetune_png)
+    finetune = finetune_md(args, results)
     bodies = dict(
         setup=setup_md(args, results), table5=table5_md(results),
         curves=f'![test accuracy vs epoch]({rel}/learning_curves.png)',
-        deploy=deploy_md(results, [k for k in EXPERIMENTS if EXPERIMENTS[k].deploy]),
+        deploy=deploy_md(results, [k for k, e in EXPERIMENTS.items() if e.deploy and not e.pretrain]),
         table8=table8_md(results), table9=table9_md(results),
-        table10=table10_md(results) + f'\n\n![accuracy vs width]({rel}/width.png)')
+        table10=table10_md(results) + f'\n\n![accuracy vs width]({rel}/width.png)',
+        finetune=finetune + (f'\n\n![pretraining, then fine-tuning]({rel}/finetune.png)'
+                             if not finetune.startswith('Not run') else ''))
     text = (open(args.docs).read() if osp.isfile(args.docs)
             else TEMPLATE.format(**{k: marked(k, '') for k in SECTIONS}))
     for name, body in bodies.items():
@@ -566,7 +715,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--suite', default='default', choices=sorted(SUITES))
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--epochs', type=int, default=5, help='epochs of each run (fine-tuning: the extra budget)')
+    parser.add_argument('--pretrain-epochs', type=int, default=30,
+                        help='finetune suites: epochs of the static pretraining run they start from')
     parser.add_argument('--train-size', type=int, default=10000,
                         help='train on the first N training images (0: all 60 000)')
     parser.add_argument('--test-size', type=int, default=0, help='evaluate on the first N test images (0: all)')
@@ -583,8 +734,8 @@ def parse_args(argv=None):
     parser.add_argument('--report-only', action='store_true', help='only rewrite docs and plots from the results')
     parser.add_argument('--worker', nargs=2, metavar=('KEY', 'SEED'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    recipe = ['--epochs', args.epochs, '--train-size', args.train_size, '--test-size', args.test_size,
-              '--batch-size', args.batch_size, '--num-workers', args.num_workers,
+    recipe = ['--epochs', args.epochs, '--pretrain-epochs', args.pretrain_epochs, '--train-size', args.train_size,
+              '--test-size', args.test_size, '--batch-size', args.batch_size, '--num-workers', args.num_workers,
               '--work-dir', osp.abspath(args.work_dir), '--device', args.device]
     args.argv = [str(a) for a in recipe] + (['--data-root', osp.abspath(args.data_root)] if args.data_root else [])
     # results of different recipes never mix: one folder per (epochs, train size, test size)

@@ -93,7 +93,9 @@ def sweep_one(name: str, kind: str, size, max_params: float) -> dict:
     # the paper's rule first; a model without pointwise convs (a ViT's patch embedding) tries the wider rules
     for select, keep in (('pointwise', True), ('all', True), ('all', False)):
         try:
-            model, p = convert_with_plan(model, kind, select=select, keep_stem=keep, keep_head=keep, example_inputs=x)
+            # (random weights: init='fresh' keeps every branch live for the check)
+            model, p = convert_with_plan(model, kind, select=select, keep_stem=keep, keep_head=keep, example_inputs=x,
+                                         init='fresh')
             break
         except NothingToConvert as e:
             refusal = refusal or ' '.join(str(e).split())[:300]

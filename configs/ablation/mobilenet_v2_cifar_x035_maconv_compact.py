@@ -2,4 +2,4 @@
 # Table 9: CIFAR-10, MobileNetV2-CIFAR x0.35, MAConv, compact training (paper: 90.768 %)
 # the layer trained directly in its compact parameterisation: no BN inside the layer (norm='none')
 _base_ = '../cifar10/mobilenet_v2_cifar_x035_static.py'
-model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='MobileNetV2CIFAR', widen_factor=0.35), kind='maconv', select='pointwise', input_shape=(3, 32, 32), m=20, norm='none'))
+model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='MobileNetV2CIFAR', widen_factor=0.35), kind='maconv', select='pointwise', input_shape=(3, 32, 32), init='fresh', m=20, norm='none'))

@@ -2,4 +2,4 @@
 # Table 9: CIFAR-10, MobileNetV2-CIFAR x0.35, MAConv, expanding without BN (paper: 90.564 %)
 # one BN after the sum of the branches instead of one per conv (norm='sum')
 _base_ = '../cifar10/mobilenet_v2_cifar_x035_static.py'
-model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='MobileNetV2CIFAR', widen_factor=0.35), kind='maconv', select='pointwise', input_shape=(3, 32, 32), m=20, norm='sum'))
+model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='MobileNetV2CIFAR', widen_factor=0.35), kind='maconv', select='pointwise', input_shape=(3, 32, 32), init='fresh', m=20, norm='sum'))

@@ -2,4 +2,4 @@
 # Table 9: CIFAR-10, SmallNet x1, MAConv, expanding without BN (paper: 74.092 %)
 # one BN after the sum of the branches instead of one per conv (norm='sum')
 _base_ = './smallnet_x1_static.py'
-model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='SmallNet', widen_factor=1), kind='maconv', select='pointwise', input_shape=(3, 32, 32), m=20, norm='sum'))
+model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='SmallNet', widen_factor=1), kind='maconv', select='pointwise', input_shape=(3, 32, 32), init='fresh', m=20, norm='sum'))

@@ -2,4 +2,4 @@
 # Table 9: CIFAR-10, SmallNet x1, MDConv, compact training (paper: 77.024 %)
 # the layer trained directly in its compact parameterisation: no BN inside the layer (norm='none')
 _base_ = './smallnet_x1_static.py'
-model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='SmallNet', widen_factor=1), kind='mdconv', select='pointwise', input_shape=(3, 32, 32), m=20, hidden_ratio=0.25, norm='none'))
+model = dict(backbone=dict(_delete_=True, type='mdplug.Converted', backbone=dict(type='SmallNet', widen_factor=1), kind='mdconv', select='pointwise', input_shape=(3, 32, 32), init='fresh', m=20, hidden_ratio=0.25, norm='none'))

@@ -138,10 +138,11 @@ def rebuild(meta: dict, form: Optional[str] = None) -> nn.Module:
     model = build_model(meta['model'], **(meta.get('model_kwargs') or {}))
     model.eval()
     converted = meta.get('converted')
+    # (random weights: the state_dict overwrites them, so 'fresh' is the cheapest construction)
     if converted is None:  # written before checkpoints recorded their convs: plan again
-        convert(model, meta['kind'], **opts, **layer_kwargs)
+        convert(model, meta['kind'], init='fresh', **opts, **layer_kwargs)
     elif converted:
-        convert(model, meta['kind'], select=list(converted), **layer_kwargs)
+        convert(model, meta['kind'], select=list(converted), init='fresh', **layer_kwargs)
     if (form or meta['form']) == 'compact':
         compact_with_notes(model)
     return model

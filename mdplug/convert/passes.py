@@ -61,10 +61,34 @@ def _check_layer_kwargs(kind: str, layer_kwargs: dict) -> None:
                          f'it takes {", ".join(sorted(allowed))}')
 
 
+def _output_stats(model: nn.Module, names: List[str]) -> Tuple[Dict[str, tuple], List[str]]:
+    """For ``init='preserve'``: the running (mean, var) of the BatchNorm that alone reads each conv's output, and
+    the convs whose output no BatchNorm alone reads (for them BN0's train-mode batch statistics are not cancelled)."""
+    sites = analyse(model, shapes=False).sites
+    stats, unmatched = {}, []
+    for name in names:
+        bn, _ = _sole_bn_user(model, sites, name)
+        if bn is None:
+            unmatched.append(name)
+        elif bn.running_mean is not None:
+            stats[name] = (bn.running_mean, bn.running_var)
+    return stats, unmatched
+
+
+def _has_bn0(cls, layer_kwargs: dict) -> bool:
+    """Whether layers of ``cls`` built with ``layer_kwargs`` normalise the static branch (BN0 or one BN after the
+    sum): the multi-layer layers unless ``norm='none'``."""
+    from mdplug.nn._multilayer import MultiLayerConv
+    return issubclass(cls, MultiLayerConv) and layer_kwargs.get('norm', 'branch') != 'none'
+
+
 def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = 'pointwise',
                       exclude: Union[str, Iterable[str]] = (), keep_stem: bool = True, keep_head: bool = True,
-                      inplace: bool = True, example_inputs=None, **layer_kwargs) -> Tuple[nn.Module, Plan]:
+                      inplace: bool = True, example_inputs=None, init: str = 'preserve',
+                      **layer_kwargs) -> Tuple[nn.Module, Plan]:
     """:func:`convert` that also returns the :class:`~mdplug.convert.planner.Plan` it carried out."""
+    from mdplug.nn._common import check_init
+    check_init(init)
     _check_layer_kwargs(kind, layer_kwargs)
     p = plan(model, kind, select, exclude, keep_stem, keep_head, example_inputs)
     if not p.replace:
@@ -72,11 +96,14 @@ def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = '
     if not inplace:
         model = copy.deepcopy(model)
     cls = layer_class(kind)
+    stats, unmatched = {}, []
+    if init == 'preserve' and _has_bn0(cls, layer_kwargs):
+        stats, unmatched = _output_stats(model, p.names)
     refs = _references(model)
     for d in p.replace:
         conv = model.get_submodule(d.name)
         try:
-            new = cls.from_conv(conv, **layer_kwargs)
+            new = cls.from_conv(conv, init=init, output_stats=stats.get(d.name), **layer_kwargs)
         except ValueError as e:
             raise ValueError(f'cannot convert {d.name} ({type(conv).__name__} {d.shape}) to {cls.__name__}: {e}; '
                              f'leave it out with exclude={d.name!r}') from e
@@ -87,21 +114,31 @@ def convert_with_plan(model: nn.Module, kind: str = 'mdconv', select: Select = '
         object.__setattr__(model, CONVERTED_ATTR, list(getattr(model, CONVERTED_ATTR, ())) + p.names)
     except AttributeError:  # a model class that forbids new attributes: save() then needs meta['converted']
         pass
+    if unmatched:
+        shown = ', '.join(unmatched[:5]) + (f' and {len(unmatched) - 5} more' if len(unmatched) > 5 else '')
+        note = (f"init='preserve': {len(unmatched)} converted convs ({shown}) are not known to feed a BatchNorm "
+                f"alone: in eval mode the model computes what it did, but in train mode BN0 normalises their outputs "
+                f"with batch statistics, so training starts from a different function there")
+        p.notes.append(note)
+        warnings.warn(note, stacklevel=3)
     return model, p
 
 
 def convert(model: nn.Module, kind: str = 'mdconv', select: Select = 'pointwise',
             exclude: Union[str, Iterable[str]] = (), keep_stem: bool = True, keep_head: bool = True,
-            inplace: bool = True, example_inputs=None, **layer_kwargs) -> nn.Module:
+            inplace: bool = True, example_inputs=None, init: str = 'preserve', **layer_kwargs) -> nn.Module:
     """Replace the selected ``nn.Conv2d`` of ``model`` by the mdplug layer of ``kind`` (the expanding form).
 
-    kind: ``'mdconv' | 'maconv' | 'dyconv' | 'dcd' | 'se'``; the static conv's weight goes into the layer's
-    static branch W0 (``Layer.from_conv``). ``select``, ``exclude``, ``keep_stem``, ``keep_head``,
-    ``example_inputs``: as in :func:`mdplug.plan`. ``layer_kwargs`` go to the layer (e.g. ``m=20``).
+    kind: ``'mdconv' | 'maconv' | 'dyconv' | 'dcd' | 'se'``. ``init``: ``'preserve'`` (default; the converted
+    model computes what ``model`` did, in eval mode within float rounding, for fine-tuning a trained model) or
+    ``'fresh'`` (the layers' new parameters as freshly built, for training from scratch); the static conv's
+    weight goes into the layer's static branch W0 in both (``Layer.from_conv`` says what each layer does).
+    ``select``, ``exclude``, ``keep_stem``, ``keep_head``, ``example_inputs``: as in :func:`mdplug.plan`.
+    ``layer_kwargs`` go to the layer (e.g. ``m=20``).
     Raises :class:`NothingToConvert` (a ``ValueError``) when nothing matched, naming the convs that exist, and
-    ``ValueError`` naming the conv (qualified name and type) that a layer refuses.
+    ``ValueError`` naming the conv (qualified name and type) that a layer refuses, or an unknown ``init``.
     """
-    return convert_with_plan(model, kind, select, exclude, keep_stem, keep_head, inplace, example_inputs,
+    return convert_with_plan(model, kind, select, exclude, keep_stem, keep_head, inplace, example_inputs, init,
                              **layer_kwargs)[0]
 
 

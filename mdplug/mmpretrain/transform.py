@@ -6,6 +6,7 @@ in DDP and builds the optimizer. The result *is* the inner backbone (same class,
 layers that were not converted).
 """
 import copy
+import os.path as osp
 import types
 import warnings
 
@@ -17,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mdplug.convert import compact, convert
 from mdplug.convert.passes import ORIG_BIAS_ATTR, compact_with_notes, fold_bias_into_bn
 from mdplug.nn import LAYERS
+from mdplug.nn._common import check_init
 
 from .layers import LAYER_TYPES
 from .registry import MODELS
@@ -43,25 +45,59 @@ def _init_weights_then_reset_mdplug(self):
     reset_mdplug_layers(self)
 
 
+def _pretrained_cfg(backbone: nn.Module):
+    """The ``Pretrained`` entry of ``backbone.init_cfg`` (a dict or a list of them), else None."""
+    cfgs = getattr(backbone, 'init_cfg', None)
+    for cfg in [cfgs] if isinstance(cfgs, dict) else list(cfgs or ()):
+        if isinstance(cfg, dict) and cfg.get('type') in ('Pretrained', 'PretrainedInit'):
+            return cfg
+    return None
+
+
+def _initialised(self):
+    """``init_weights`` of a backbone initialised before conversion: nothing left to do (mmengine's ``is_init``
+    makes the Runner skip it; a direct call must not re-initialise the converted layers either)."""
+
+
 @MODELS.register_module(name='Converted')
-def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), **convert_kwargs) -> nn.Module:
+def Converted(backbone: dict, kind: str, input_shape=(3, 224, 224), init: str = 'preserve',
+              **convert_kwargs) -> nn.Module:
     """Build ``backbone`` (an mmpretrain config dict) and convert it with ``mdplug.convert(kind=kind, ...)``.
 
     ``input_shape`` ``(C, H, W)``: the image size the conversion pass traces the backbone with (it tells the stem,
     the head and pooled 1x1 maps apart). ``convert_kwargs`` go to :func:`mdplug.convert` (``select``, ``exclude``,
     ``keep_stem``, ``keep_head``) and on to the layers (``m``, ``hidden_ratio``, ``bypass``, ``norm``, ...).
-    Returns the built backbone itself; its ``init_weights`` is wrapped so mmpretrain's initialisation leaves
-    mdplug layers correctly initialised.
+
+    ``init='fresh'`` (from-scratch recipes, every config in ``configs/``): converted at build time; the Runner's
+    ``init_weights`` runs the backbone's own initialisation, then each mdplug layer's own (:func:`reset_mdplug_layers`).
+    ``init='preserve'`` (default), or an inner ``init_cfg=dict(type='Pretrained', ...)``: the static backbone is
+    initialised first, at build time (its ``init_weights``: a ``Pretrained`` init_cfg loads its checkpoint there),
+    then converted with ``init``, so the converted model starts as the static one (``'preserve'``: computes what it
+    computes); the Runner's later ``init_weights`` leaves it as it is. Returns the built backbone itself.
     """
     if kind not in LAYERS:
         raise KeyError(f'{CONVERTED}: unknown kind {kind!r} for backbone {backbone.get("type")!r}; '
                        f'choose one of {sorted(LAYERS)}')
+    check_init(init, f'{CONVERTED}: init')
     from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
     model = MMPRETRAIN_MODELS.build(copy.deepcopy(backbone))
+    pretrained = _pretrained_cfg(model)
+    ckpt = str((pretrained or {}).get('checkpoint', ''))
+    if pretrained is not None and '://' not in ckpt and not osp.isfile(ckpt):
+        raise FileNotFoundError(
+            f"{CONVERTED}: the inner backbone {backbone.get('type')!r} has init_cfg=dict(type='Pretrained', "
+            f"checkpoint={ckpt!r}), which does not exist; a converted backbone loads it when it is built, before it "
+            f"is converted. Point it at the static model's checkpoint (--cfg-options "
+            f"model.backbone.backbone.init_cfg.checkpoint=PATH), or drop it where a checkpoint of the converted "
+            f"model is loaded afterwards (model.backbone.backbone.init_cfg=None)")
+    first = init == 'preserve' or pretrained is not None
+    if first and hasattr(model, 'init_weights'):
+        model.init_weights()
     example_inputs = torch.randn(1, *input_shape)
-    model = convert(model, kind=kind, inplace=True, example_inputs=example_inputs, **convert_kwargs)
+    model = convert(model, kind=kind, inplace=True, example_inputs=example_inputs, init=init, **convert_kwargs)
     if hasattr(model, 'init_weights'):
-        model.init_weights = types.MethodType(_init_weights_then_reset_mdplug, model)
+        wrapper = _initialised if first else _init_weights_then_reset_mdplug
+        model.init_weights = types.MethodType(wrapper, model)
     return model
 
 

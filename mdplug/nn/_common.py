@@ -15,6 +15,9 @@ _size_2 = Union[int, Tuple[int, int]]
 GATES = ('sigmoid', 'softmax', 'none')
 PATHS = ('auto', 'weight', 'factorized')
 NORMS = ('branch', 'sum', 'none')
+#: how ``from_conv`` / :func:`mdplug.convert` initialise a converted layer: ``'preserve'`` (it computes what the conv
+#: did) or ``'fresh'`` (its new parameters as freshly built, for training from scratch)
+INITS = ('preserve', 'fresh')
 
 
 def tracing_for_export() -> bool:
@@ -119,6 +122,14 @@ def _pair(v) -> Tuple[int, int]:
 def _check_choice(layer: str, option: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f'{layer}: unknown {option}={value!r}; expected one of {", ".join(map(repr, choices))}')
+
+
+def check_init(init, where: str = 'init') -> None:
+    """Refuse an ``init`` that is not one of :data:`INITS`, naming the option and both choices."""
+    if init not in INITS:
+        raise ValueError(f"{where}={init!r} is unknown; use 'preserve' (the converted layer computes what the conv "
+                         f"did: fine-tuning a trained model) or 'fresh' (new parameters as freshly built: training "
+                         f"from scratch)")
 
 
 def _copy_param(dst: Tensor, src: Tensor) -> None:

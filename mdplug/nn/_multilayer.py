@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .. import fusion
 from . import _fused, _state
-from ._common import (NORMS, PATHS, ConvBase, Proxy, _check_choice, _copy_param, channel_matmul, conv_bias_init_,
-                      channel_rows, is_channels_last, kaiming_conv_init_, tracing_for_export)
+from ._common import (NORMS, PATHS, ConvBase, Proxy, _check_choice, _copy_param, channel_matmul, channel_rows,
+                      check_init, conv_bias_init_, is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
 class MultiLayerConv(ConvBase):
@@ -104,16 +104,68 @@ class MultiLayerConv(ConvBase):
                 nn.init.zeros_(self.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'MultiLayerConv':
-        """Build the layer in place of ``conv``: same geometry, device, dtype and mode; W0 starts as its kernel."""
+    def from_conv(cls, conv: nn.Conv2d, init: str = 'preserve', output_stats: Optional[Tuple[Tensor, Tensor]] = None,
+                  **kwargs) -> 'MultiLayerConv':
+        """Build the layer in place of ``conv``: same geometry, device, dtype and mode; W0 starts as its kernel.
+
+        ``init='fresh'``: everything else as freshly built (the paper's from-scratch training).
+        ``init='preserve'``: the layer computes what ``conv`` did (Eq. 3 with the multi-layer branch silenced):
+        the branch's last BN (``project_bn``; ``project`` itself for ``norm='sum' | 'none'``) starts at zero scale,
+        so the branch adds exactly 0 in both modes; W1, W2 and A(x) are fresh, that scale gets a gradient at the
+        first step and they do once it is non-zero (as with a zero-initialised last BN of a residual block); BN0
+        starts as the identity in eval mode with the conv's bias as its shift.
+        ``output_stats``: the running ``(mean, var)`` of the BatchNorm that reads ``conv``'s output, where there is
+        one; BN0 then starts with them (``running_var = var``, ``weight = sqrt(var + eps)``, still the identity in
+        eval mode), so that in train mode its batch normalisation keeps the scale the following BN expects.  In
+        train mode a BN that follows cancels BN0's per-channel affine map up to its eps, so the first step's loss
+        is the original's (measured in tests/test_init.py); without a following BN, BN0's batch statistics change
+        the train-mode function (:func:`mdplug.convert` warns).
+        """
+        check_init(init)
         layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
         layer.train(conv.training)
+        if init == 'preserve' and not layer.bypass:
+            raise ValueError(f"{cls.__name__}(bypass=False) has no static branch W0 to carry the conv's kernel, so "
+                             f"init='preserve' cannot keep the conv's function; use init='fresh'")
         if layer.bypass:
             target = layer.weight if layer.deploy else layer.expand.weight[:layer.out_channels]
             _copy_param(target, conv.weight)
         if layer.norm == 'none' and conv.bias is not None and layer.bias is not None:
             _copy_param(layer.bias, conv.bias)
+        if init == 'preserve':
+            layer._preserve(conv.bias, output_stats)
         return layer
+
+    @torch.no_grad()
+    def _preserve(self, conv_bias: Optional[Tensor], output_stats: Optional[Tuple[Tensor, Tensor]]) -> None:
+        """Silence the multi-layer branch and make BN0 the identity (eval) carrying ``conv_bias``; see from_conv."""
+        q = self.out_channels
+        if self.deploy:  # compact form: W2' = 0 silences the branch, b' is the conv's bias
+            if getattr(self, 'weight2', None) is not None:
+                nn.init.zeros_(self.weight2)
+            if self.bias is not None:
+                self.bias.copy_(torch.zeros_like(self.bias) if conv_bias is None else conv_bias.to(self.bias))
+            return
+        if self.norm == 'branch':
+            nn.init.zeros_(self.project_bn.weight)
+            nn.init.zeros_(self.project_bn.bias)
+            bn, rows = self.expand_bn, slice(0, q)
+        else:
+            nn.init.zeros_(self.project.weight)
+            bn, rows = (self.sum_bn, slice(0, q)) if self.norm == 'sum' else (None, None)
+        if bn is None:
+            return
+        like = bn.running_var[rows]
+        bias = torch.zeros_like(like) if conv_bias is None else conv_bias.detach().to(like)
+        if output_stats is None:
+            mean, var = bias, torch.full_like(like, 1.0 - bn.eps)
+        else:
+            mean, var = (t.detach().to(like) for t in output_stats)
+        # eval: (z - (mean - bias)) / sqrt(var + eps) * sqrt(var + eps) + mean = z + bias
+        bn.running_mean[rows] = mean - bias
+        bn.running_var[rows] = var
+        bn.weight[rows] = torch.sqrt(var + bn.eps)
+        bn.bias[rows] = mean
 
     # -- paper notation views ------------------------------------------------------------------------------------
     @property

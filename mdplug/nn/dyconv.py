@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import (PATHS, Attention, ConvBase, Proxy, _check_choice, _copy_param, conv_bias_init_,
+from ._common import (PATHS, Attention, ConvBase, Proxy, _check_choice, _copy_param, check_init, conv_bias_init_,
                       is_channels_last, kaiming_conv_init_, tracing_for_export)
 
 
@@ -75,13 +75,29 @@ class DYConv2d(ConvBase):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'DYConv2d':
-        """Every expert starts as ``conv``'s kernel, so the new layer computes what ``conv`` did."""
+    def from_conv(cls, conv: nn.Conv2d, init: str = 'preserve', output_stats=None, **kwargs) -> 'DYConv2d':
+        """Build the layer in place of ``conv`` (same geometry, device, dtype and mode).
+
+        ``init='fresh'``: the K experts (and biases) drawn independently, as DYConv is built (the paper's baseline).
+        ``init='preserve'``: ``W_k = W + δ_k`` (and ``b_k = b + ε_k``) where δ_k are the fresh draws minus their
+        mean (Σ_k δ_k = 0), and the attention's last layer starts at zero, so π(x) = 1/K and the layer computes
+        ``W ⊛ x + b``, the conv's function: the initial deviation is float rounding only (measured ≤ 1e-6
+        relative in tests/test_init.py).  The experts differ by δ_k, whose spread is that of fresh experts, so the
+        attention's gradient is non-zero from the first step and the experts separate as π(x) moves away from
+        uniform.  ``output_stats`` is unused (DYConv has no BN).
+        """
+        check_init(init)
         layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
         layer.train(conv.training)
-        _copy_param(layer.weight, conv.weight.reshape(1, -1).expand_as(layer.weight))
-        if conv.bias is not None:
-            _copy_param(layer.bias, conv.bias.unsqueeze(0).expand_as(layer.bias))
+        if init == 'preserve':
+            with torch.no_grad():
+                w = layer.weight
+                w.sub_(w.mean(0, keepdim=True)).add_(conv.weight.detach().reshape(1, -1).to(w))
+                if conv.bias is not None:
+                    b = layer.bias
+                    b.sub_(b.mean(0, keepdim=True)).add_(conv.bias.detach().unsqueeze(0).to(b))
+                nn.init.zeros_(layer.attention.fc2.weight)
+                nn.init.zeros_(layer.attention.fc2.bias)
         return layer
 
     def set_temperature(self, t: float) -> None:

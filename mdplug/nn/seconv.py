@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from .. import fusion
-from ._common import Attention, ConvBase, _copy_param
+from ._common import Attention, ConvBase, _copy_param, check_init
 
 
 class SEConv2d(ConvBase):
@@ -35,12 +35,25 @@ class SEConv2d(ConvBase):
         self.attention.reset_parameters()
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> 'SEConv2d':
+    def from_conv(cls, conv: nn.Conv2d, init: str = 'preserve', output_stats=None, **kwargs) -> 'SEConv2d':
+        """Build the layer in place of ``conv`` (same geometry, device, dtype and mode).
+
+        ``init='fresh'``: the conv's kernel and bias, the attention as freshly built (s(x) near 1/2).
+        ``init='preserve'``: the attention's last layer starts at zero, so s(x) = sigmoid(0) = 1/2 exactly, and the
+        kernel and bias are stored doubled: ``1/2 ⊙ (2W ⊛ x + 2b)`` is the conv's function with no deviation
+        (both factors are powers of two), the gate sitting where the sigmoid is steepest.  ``output_stats`` is
+        unused (SE has no BN).
+        """
+        check_init(init)
         layer = cls(**cls._ctor_kwargs_from_conv(conv), **kwargs)
         layer.train(conv.training)
-        _copy_param(layer.conv.weight, conv.weight)
+        scale = 2.0 if init == 'preserve' else 1.0
+        _copy_param(layer.conv.weight, conv.weight * scale)
         if conv.bias is not None:
-            _copy_param(layer.conv.bias, conv.bias)
+            _copy_param(layer.conv.bias, conv.bias * scale)
+        if init == 'preserve':
+            nn.init.zeros_(layer.attention.fc2.weight)
+            nn.init.zeros_(layer.attention.fc2.bias)
         return layer
 
     def dynamic_coefficients(self, x: Tensor) -> Tensor:
