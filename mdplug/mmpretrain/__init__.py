@@ -7,8 +7,9 @@ Importing this module (``custom_imports=dict(imports=['mdplug.mmpretrain'])``) r
 - the model transforms ``mdplug.Converted`` (convert a backbone when it is built) and ``mdplug.Compacted``
   (build a model and re-parameterise it into its compact form);
 - the backbones ``MobileNetV2CIFAR`` and ``SmallNet`` and the head ``DropoutLinearClsHead``;
-- the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100``, the wrapper ``PerClassSubset``
-  and the transform ``CenterPad``;
+- the datasets ``SVHN``, ``FashionMNISTIDX``, ``LocalCIFAR10``, ``LocalCIFAR100`` (each with ``preload=True``: the
+  pipeline run once, the samples kept as one tensor), the wrapper ``PerClassSubset``, the transform ``CenterPad``
+  and the data preprocessor ``mdplug.AugmentClsDataPreprocessor`` (random crop and flip of the whole batch);
 - the hook ``TemperatureAnnealHook`` and the optimizer wrapper ``CPUAmpOptimWrapper`` (``--amp`` without CUDA);
 - the few non-tensor globals of mmengine checkpoints as safe for ``torch.load``'s ``weights_only`` default
   (:func:`~mdplug.mmpretrain.runtime.allow_mmengine_checkpoints`), so mmpretrain's own tools read them;
@@ -21,6 +22,7 @@ from .backbones import MobileNetV2CIFAR, SmallNet
 from .heads import DropoutLinearClsHead
 from .datasets import (SVHN, CenterPad, FashionMNISTIDX, LocalCIFAR10, LocalCIFAR100, PerClassSubset,
                        per_class_indices)
+from .preprocessor import AugmentClsDataPreprocessor
 from .hooks import TemperatureAnnealHook
 from .optim import CPUAmpOptimWrapper
 from .complexity import register_complexity_handles  # noqa: F401 - registers mmengine FLOP handles
@@ -32,6 +34,6 @@ __all__ = [
     'LAYER_TYPES', 'register_layers', 'Converted', 'Compacted', 'compact_classifier', 'reset_mdplug_layers',
     'unwrap_converted',
     'MobileNetV2CIFAR', 'SmallNet', 'DropoutLinearClsHead', 'SVHN', 'FashionMNISTIDX', 'LocalCIFAR10', 'LocalCIFAR100',
-    'PerClassSubset',
+    'PerClassSubset', 'AugmentClsDataPreprocessor',
     'per_class_indices', 'CenterPad', 'TemperatureAnnealHook', 'CPUAmpOptimWrapper',
 ]

@@ -7,11 +7,19 @@
 - ``LocalCIFAR10`` / ``LocalCIFAR100``: mmpretrain's CIFAR classes without the md5 check against the official
   release, for re-packed or generated copies in the same pickled-batch format.
 - ``CenterPad``: zero-pad an image symmetrically to a fixed size (Fashion-MNIST 28x28 -> 32x32).
+
+Each dataset takes ``preload=True`` (see :class:`Preloadable`): its deterministic pipeline runs once per sample when
+the dataset is initialised and the results are kept as one tensor, so an epoch reads memory instead of re-running
+per-sample Python transforms; random augmentation then belongs on the batch
+(:class:`~mdplug.mmpretrain.preprocessor.AugmentClsDataPreprocessor`).
 """
 import gzip
 import os.path as osp
 
+import random
+
 import numpy as np
+import torch
 from mmcv.transforms import BaseTransform
 from mmpretrain.datasets import CIFAR10, CIFAR100, BaseDataset
 from mmpretrain.registry import DATASETS, TRANSFORMS
@@ -27,8 +35,106 @@ def _require_data_root(dataset, data_root, hint):
         raise FileNotFoundError(f'{dataset}: data_root {data_root!r} is not a directory; {hint}')
 
 
+class Preloadable:
+    """Mixin of a dataset class: ``preload=True`` runs the pipeline once per sample at ``full_init``.
+
+    The packed results are kept as one tensor of inputs (all samples must have the same shape) plus each sample's
+    label and metainfo; ``dataset[i]`` then returns ``dict(inputs=..., data_samples=DataSample(...))`` from memory,
+    equal to what the pipeline returns, with a new ``DataSample`` on every call (the model writes predictions into
+    it). The pipeline must be deterministic (e.g. ``CenterPad`` + ``PackInputs``): it is run twice on the first
+    samples under different random states and a difference is an error naming the dataset, instead of freezing one
+    random draw for the whole training. Subsets (``indices``, ``get_subset_``, :func:`PerClassSubset`) preload only
+    what they keep. ``preload=False`` (the default) is mmengine's per-sample path, unchanged.
+    """
+
+    PRELOAD_CHECKS = 4  # samples run twice to check that the pipeline is deterministic
+
+    def __init__(self, *args, preload=False, **kwargs):
+        if not isinstance(preload, bool):
+            raise TypeError(f'{type(self).__name__}: preload must be True or False, got {preload!r}')
+        self.preload = preload
+        self._preloaded = None
+        super().__init__(*args, **kwargs)
+
+    def full_init(self):
+        initialised = self._fully_initialized
+        super().full_init()
+        if self.preload and not initialised:
+            self._preloaded = self._preload()
+
+    def get_subset_(self, indices):
+        super().get_subset_(indices)
+        if self.preload and self._fully_initialized:
+            self._preloaded = self._preload()
+
+    def get_subset(self, indices):
+        subset = super().get_subset(indices)
+        if self.preload and subset._fully_initialized:
+            subset._preloaded = subset._preload()
+        return subset
+
+    def _pack(self, idx):
+        return super().prepare_data(idx)
+
+    def _check_deterministic(self, n):
+        name = type(self).__name__
+        for idx in range(n):
+            outputs = []
+            for seed in (0, 1):
+                random.seed(seed)
+                np.random.seed(seed)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    outputs.append(self._pack(idx)['inputs'])
+            if not torch.equal(outputs[0], outputs[1]):
+                steps = ', '.join(type(t).__name__ for t in getattr(self.pipeline, 'transforms', []))
+                raise ValueError(
+                    f'{name}(preload=True): the pipeline gave two different results for sample {idx}, so it is '
+                    f'random ({steps}); preloading would freeze one draw for the whole training. Keep only '
+                    "deterministic transforms in a preloaded pipeline and augment the batch instead "
+                    "(data_preprocessor=dict(type='mdplug.AugmentClsDataPreprocessor', random_crop=..., "
+                    'random_flip=...)), or set preload=False')
+
+    def _preload(self):
+        name, n = type(self).__name__, len(self)
+        state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:
+            self._check_deterministic(min(n, self.PRELOAD_CHECKS))
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+            torch.random.set_rng_state(state[2])
+        inputs, labels, metas = None, [], []
+        for idx in range(n):
+            packed = self._pack(idx)
+            sample = packed['inputs']
+            if not isinstance(sample, torch.Tensor):
+                raise TypeError(f'{name}(preload=True): the pipeline must end in PackInputs (a tensor as '
+                                f'"inputs"), got {type(sample).__name__} for sample {idx}')
+            if inputs is None:
+                inputs = sample.new_empty((n, ) + tuple(sample.shape))
+            elif sample.shape != inputs.shape[1:]:
+                raise ValueError(f'{name}(preload=True): sample {idx} is {tuple(sample.shape)} but sample 0 is '
+                                 f'{tuple(inputs.shape[1:])}; preloading needs one shape (pad or resize in the '
+                                 'pipeline)')
+            inputs[idx] = sample
+            data_sample = packed['data_samples']
+            labels.append(data_sample.gt_label if 'gt_label' in data_sample else None)
+            metas.append(data_sample.metainfo)
+        return dict(inputs=inputs, labels=labels, metas=metas, sample_type=type(packed['data_samples']))
+
+    def prepare_data(self, idx):
+        if self._preloaded is None:
+            return super().prepare_data(idx)
+        cache = self._preloaded
+        sample = cache['sample_type'](metainfo=cache['metas'][idx])
+        if cache['labels'][idx] is not None:
+            sample.set_gt_label(cache['labels'][idx])
+        return dict(inputs=cache['inputs'][idx], data_samples=sample)
+
+
 @DATASETS.register_module()
-class SVHN(BaseDataset):
+class SVHN(Preloadable, BaseDataset):
     """The Street View House Numbers dataset from its official ``.mat`` files.
 
     Args:
@@ -83,7 +189,7 @@ def read_idx(path):
 
 
 @DATASETS.register_module()
-class FashionMNISTIDX(BaseDataset):
+class FashionMNISTIDX(Preloadable, BaseDataset):
     """Fashion-MNIST from its four IDX files, gzipped or raw; never downloads.
 
     Args:
@@ -139,7 +245,7 @@ def _load_local_cifar(dataset, base):
 
 
 @DATASETS.register_module()
-class LocalCIFAR10(CIFAR10):
+class LocalCIFAR10(Preloadable, CIFAR10):
     """``CIFAR10`` reading the same ``cifar-10-batches-py`` files under ``data_root`` without checking their md5
     sums against the official release (a generated or re-packed copy); never downloads."""
 
@@ -156,7 +262,7 @@ class LocalCIFAR10(CIFAR10):
 
 
 @DATASETS.register_module()
-class LocalCIFAR100(CIFAR100):
+class LocalCIFAR100(Preloadable, CIFAR100):
     """``CIFAR100`` without the md5 check (see :class:`LocalCIFAR10`); never downloads."""
 
     train_list = _without_md5(CIFAR100.train_list)
