@@ -299,6 +299,69 @@ def fashion_mnist(w):
               shape, None, kinds)
     for stem, backbone in (('smallnet_x1', smallnet), ('mobilenet_v2_cifar_x035', mbv2)):
         finetune_rows(w, stem, backbone, shape)
+    fashion_mnist_ablation(w)
+
+
+#: the paper's SmallNet x1 (CIFAR-10) accuracy of each Fashion-MNIST ablation row, quoted in its title
+FM_ABLATION_PAPER = {
+    'maconv_nobypass': '73.276', 'mdconv_nobypass': '76.164', 'relu_bypass': '78.500', 'relu_nobypass': '75.250',
+    'maconv_compact': '73.260', 'maconv_nobn': '74.092', 'mdconv_compact': '77.024', 'mdconv_nobn': '77.500',
+    'maconv_m40': '74.216', 'maconv_m60': '74.156', 'mdconv_m40': '78.026', 'mdconv_m60': '78.330',
+    'mdconv_hidden1': '78.550', 'mdconv_hidden4': '78.472', 'mdconv_softmax': '78.148',
+    'mdconv_softmax_t30': '76.326', 'x2_static': '81.010', 'x2_maconv': '81.452', 'x2_mdconv': '84.204',
+    'x4_static': '85.650', 'x4_maconv': '85.872', 'x4_mdconv': '87.424',
+}
+
+
+def fashion_mnist_ablation(w):
+    """``configs/fashion_mnist/ablation/``: the SmallNet rows of Tables 8-13 on Fashion-MNIST for tools/reproduce.py.
+
+    Each row overrides one argument of the SmallNet x1 MAConv / MDConv / static config; the rows that equal a
+    default (bypass on, expanding training, m = 20, hidden 1/4, sigmoid gate) are those configs themselves and
+    get no file here.
+    """
+    def row(name, table, what, base, override, note=None):
+        value = FM_ABLATION_PAPER[name.removeprefix('x1_')]
+        paper = f' (paper, SmallNet x{name[1]} on CIFAR-10: {value} %)'
+        title = f'Fashion-MNIST analogue of {table}: {what}{paper}\nnot in the paper: run by tools/reproduce.py'
+        w.write(f'fashion_mnist/ablation/smallnet_{name}.py', title + (f'\n{note}' if note else ''), base,
+                [f'model = {literal(override)}'])
+
+    relu = 'ReLU instead of attention (MAConv act=relu)'
+    row('x1_maconv_nobypass', 'Table 8', 'SmallNet x1, MAConv without bypass', '../smallnet_x1_maconv.py',
+        dict(backbone=dict(bypass=False)))
+    row('x1_mdconv_nobypass', 'Table 8', 'SmallNet x1, MDConv without bypass', '../smallnet_x1_mdconv.py',
+        dict(backbone=dict(bypass=False)))
+    for bypass in (True, False):
+        row(f'x1_relu_{"bypass" if bypass else "nobypass"}', 'Table 8',
+            f'SmallNet x1, {relu}, {"with" if bypass else "without"} bypass', '../smallnet_x1_maconv.py',
+            dict(backbone=dict(act='relu', bypass=bypass)))
+    for kind in ('maconv', 'mdconv'):
+        name = KIND_NAMES[kind]
+        row(f'x1_{kind}_compact', 'Table 9', f'SmallNet x1, {name}, compact training', f'../smallnet_x1_{kind}.py',
+            dict(backbone=dict(norm='none')),
+            "the layer trained directly in its compact parameterisation: no BN inside the layer (norm='none')")
+        row(f'x1_{kind}_nobn', 'Table 9', f'SmallNet x1, {name}, expanding training without BN',
+            f'../smallnet_x1_{kind}.py', dict(backbone=dict(norm='sum')),
+            "one BN after the sum of the branches instead of one per conv (norm='sum')")
+    for width in (2, 4):
+        what = f'SmallNet x{width} (width of all layers but the stem)'
+        row(f'x{width}_static', 'Table 10', f'{what}, static convolution', '../smallnet_x1_static.py',
+            dict(backbone=dict(widen_factor=width), head=dict(in_channels=64 * width)))
+        for kind in ('maconv', 'mdconv'):
+            row(f'x{width}_{kind}', 'Table 10', f'{what}, {KIND_NAMES[kind]}', f'../smallnet_x1_{kind}.py',
+                dict(backbone=dict(backbone=dict(widen_factor=width)), head=dict(in_channels=64 * width)))
+    for m in (40, 60):  # m = 20: smallnet_x1_maconv.py / smallnet_x1_mdconv.py
+        for kind in ('maconv', 'mdconv'):
+            row(f'x1_{kind}_m{m}', 'Table 11', f'SmallNet x1, {KIND_NAMES[kind]}, m = {m} intermediate channels',
+                f'../smallnet_x1_{kind}.py', dict(backbone=dict(m=m)))
+    for ratio, tag in ((1.0, 'hidden1'), (4.0, 'hidden4')):  # 1/4: smallnet_x1_mdconv.py
+        row(f'x1_mdconv_{tag}', 'Table 12', f'SmallNet x1, MDConv, attention hidden units = {ratio:g} x input '
+            'channels', '../smallnet_x1_mdconv.py', dict(backbone=dict(hidden_ratio=ratio)))
+    for tag, t in (('softmax', 1.0), ('softmax_t30', 30.0)):  # sigmoid: smallnet_x1_mdconv.py
+        row(f'x1_mdconv_{tag}', 'Table 13', 'SmallNet x1, MDConv, gate softmax'
+            + (f', temperature {t:g}' if t != 1 else ''), '../smallnet_x1_mdconv.py',
+            dict(backbone=dict(gate='softmax', temperature=t)))
 
 
 #: where ``tools/train.py configs/fashion_mnist/<stem>_static.py`` leaves its last checkpoint (200 epochs)
@@ -370,7 +433,8 @@ one into the static config (see the README, "Using a trained checkpoint in mmpre
 def write_index(w):
     """``configs/README.md``: every generated config with its table row."""
     lines = [INDEX_INTRO]
-    for folder in ('imagenet', 'cifar10', 'cifar100', 'svhn', 'ablation', 'fashion_mnist', 'fashion_mnist/finetune'):
+    for folder in ('imagenet', 'cifar10', 'cifar100', 'svhn', 'ablation', 'fashion_mnist', 'fashion_mnist/ablation',
+                   'fashion_mnist/finetune'):
         rows = sorted(p for p in w.titles if p.startswith(folder + '/') and '/' not in p[len(folder) + 1:])
         lines += [f'## {folder}', '', '| config | row |', '|---|---|']
         lines += [f'| [{osp.basename(p)}]({p}) | {w.titles[p]} |' for p in rows]
