@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import randomize_bn, rel_err
 from mdplug.nn import DCDConv2d, DYConv2d, MAConv2d, MDConv2d
+from mdplug.nn._common import Attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools'))
 from peers import AttentionFloor, PeerDYConv2d, TimmCondConv, swap_convs  # noqa: E402
@@ -185,6 +186,66 @@ def test_expanding_split_has_reference_gradients():
     assert rel_err(layer.expand.weight.grad[:q], w0.grad) < 1e-5
     assert rel_err(layer.expand.weight.grad[q:], w1.grad) < 1e-5
     assert rel_err(x.grad, x2.grad) < 1e-5
+
+
+def _through_modules(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` whose plain training forward calls its submodules as modules: a no-op forward hook on
+    each BN, linear and attention network turns off the shortcuts that would bypass them."""
+    ref = copy.deepcopy(layer)
+    for m in ref.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.Linear, Attention)):
+            m.register_forward_hook(lambda *args: None)
+    return ref
+
+
+@pytest.mark.parametrize('cls', [MDConv2d, MAConv2d])
+@pytest.mark.parametrize('k,s', [(1, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize('momentum', [0.1, None])
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last])
+def test_plain_training_shortcuts_equal_the_modules_in_float64(cls, k, s, momentum, fmt):
+    """Plain autograd (CUDA's training default) takes three shortcuts that dispatch fewer ops: BN1 and BN2 count
+    their batch with one ``_foreach_add_`` and run as ``F.batch_norm``; fc1 + ReLU is one ``_addmm_activation``
+    with autograd's backward (``_LinearReLU``); MDConv's ``h·sigmoid(z)`` is one ``glu``.  Over three steps they
+    give the modules' output, input and parameter gradients, running statistics and batch counters to float64
+    rounding, in the input's layout."""
+    torch.manual_seed(4)
+    fast = randomize_bn(cls(6, 10, k, s, k // 2, m=4)).double().train()
+    fast.fuse_training_tail = False
+    for bn in (fast.expand_bn, fast.project_bn):
+        bn.momentum = momentum
+    ref = _through_modules(fast)
+    x0 = torch.randn(3, 6, 7, 7, dtype=torch.float64).to(memory_format=fmt)
+    xf, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    for _ in range(3):
+        yf, yr = fast(torch.relu(xf)), ref(torch.relu(xr))  # (a computed input, as in a model)
+        g = torch.randn_like(yr)
+        yf.backward(g)
+        yr.backward(g)
+    shortcuts = {'GluBackward0', '_LinearReLUBackward'} if cls is MDConv2d else set()
+    assert shortcuts <= _autograd_nodes(yf) and not shortcuts & _autograd_nodes(yr)
+    assert (yf - yr).abs().max() < 1e-12 and (xf.grad - xr.grad).abs().max() < 1e-12
+    assert yf.stride() == yr.stride() and xf.grad.stride() == xr.grad.stride()
+    for (name, pf), pr in zip(fast.named_parameters(), ref.parameters()):
+        assert (pf.grad - pr.grad).abs().max() < 1e-11 * max(1.0, pr.grad.abs().max().item()), name
+    for (name, bf), br in zip(fast.named_buffers(), ref.buffers()):
+        assert torch.equal(bf, br) if name.endswith('num_batches_tracked') else (bf - br).abs().max() < 1e-12, name
+    assert fast.project_bn.num_batches_tracked == 3
+
+
+def test_plain_training_shortcuts_keep_double_backward():
+    """The gradient of a gradient (a gradient penalty) through the shortcuts is the modules'."""
+    torch.manual_seed(5)
+    fast = randomize_bn(MDConv2d(6, 10, 3, 1, 1, m=4)).double().train()
+    fast.fuse_training_tail = False
+    grads = []
+    for layer in (fast, _through_modules(fast)):
+        x = torch.randn(3, 6, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_()
+        gx, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-11 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.filterwarnings('ignore::FutureWarning')  # torch.jit.trace is deprecated; the exporter still uses it

@@ -277,6 +277,29 @@ def global_avg_pool(x: Tensor) -> Tensor:
     return x.mean((2, 3))
 
 
+class _LinearReLU(torch.autograd.Function):
+    """``relu(x·Wᵀ + b)`` for a (B, p) input as one op, ``torch._addmm_activation``, with the backward autograd
+    records for ``relu(F.linear(x, W, b))``: ``threshold_backward`` and the linear's two mms and sum, the same
+    ops on the same tensors (so the same gradients), one forward op less.  The backward is made of
+    differentiable ops on the saved inputs and output, so double backward works as through the plain ops."""
+
+    # (forward with ctx, not ``setup_context``: ``apply`` then skips binding the arguments by signature, which
+    # costs more than the op)
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        out = torch._addmm_activation(bias, x, weight.t())
+        ctx.save_for_backward(x, weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (grad.mm(weight) if need_x else None, grad.t().mm(x) if need_w else None,
+                grad.sum(0) if need_b else None)
+
+
 class Attention(nn.Module):
     """The attention network F of Eq. 2: GAP → Linear(p, h) → ReLU → Linear(h, n) → gate.
 
@@ -390,23 +413,28 @@ class Attention(nn.Module):
         return self.coefficients(x, tracing_for_export())
 
     def coefficients(self, x: Tensor, tracing: bool) -> Tensor:
-        """The forward computation, ``tracing`` being :func:`tracing_for_export`.
+        """The forward computation, ``tracing`` being :func:`tracing_for_export`: the gate of :meth:`logits`."""
+        return self._gate(self.logits(x, tracing))
+
+    def logits(self, x: Tensor, tracing: bool) -> Tensor:
+        """The forward computation before the gate, ``F(GAP(x)) / temperature``, (B, n).
 
         When calling ``fc1`` and ``fc2`` would run exactly ``nn.Linear.forward`` (:func:`calls_forward`) and
         nothing is traced, their ``F.linear`` runs directly (the same computation without two module calls), and
-        with grad mode off and outside autocast fc1 and its ReLU are one op, ``relu(b + x·Wᵀ)``
-        (``torch._addmm_activation``; one kernel launch less per layer on a GPU, where cuBLASLt applies the ReLU
-        in the GEMM's epilogue; the op has no derivative and CUDA's autocast does not list it).  Traces keep the
-        module structure.
+        outside autocast fc1 and its ReLU are one op, ``relu(b + x·Wᵀ)`` (``torch._addmm_activation``; one kernel
+        launch less per layer on a GPU, where cuBLASLt applies the ReLU in the GEMM's epilogue; CUDA's autocast
+        does not list the op).  It has no derivative: with grad mode on it runs as :class:`_LinearReLU`, which
+        gives it autograd's backward of ``relu(F.linear(…))``.  Traces keep the module structure.
         """
         pooled = global_avg_pool(x)
         fc1, fc2 = self.fc1, self.fc2
         if (not tracing and calls_forward(fc1, nn.Linear) and calls_forward(fc2, nn.Linear)
                 and no_global_module_hooks()):
             w1, b1 = fc1.weight, fc1.bias
-            if (b1 is not None and not torch.is_grad_enabled() and pooled.dtype == w1.dtype
+            if (b1 is not None and pooled.dtype == w1.dtype and b1.dtype == w1.dtype
                     and not torch.is_autocast_enabled(x.device.type)):
-                hidden = torch._addmm_activation(b1, pooled, w1.t())
+                hidden = (_LinearReLU.apply(pooled, w1, b1) if torch.is_grad_enabled()
+                          else torch._addmm_activation(b1, pooled, w1.t()))
             else:
                 hidden = torch.relu(F.linear(pooled, w1, b1))
             z = F.linear(hidden, fc2.weight, fc2.bias)
@@ -418,7 +446,7 @@ class Attention(nn.Module):
             t = self._temperature_divisor()
             if type(t) is not float or t != 1.0:
                 z = z / t
-        return self._gate(z)
+        return z
 
     def _gate(self, z: Tensor) -> Tensor:
         if self.gate == 'sigmoid':

@@ -8,11 +8,25 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import fusion
-from ._common import Attention, _check_choice, calls_forward, no_global_module_hooks, tracing_for_export
+from ._common import (Attention, _check_choice, calls_forward, is_channels_last, no_global_module_hooks,
+                      tracing_for_export)
 from ._multilayer import MultiLayerConv
+
+
+def _sigmoid_scale(h: Tensor, z: Tensor) -> Tensor:
+    """``h · sigmoid(z)``, the (B, m) logits z broadcast over the pixels of h (B, m, H, W), as one ``glu`` over
+    ``[h; z]`` (z expanded to h's shape, in h's layout).  The same values as ``sigmoid`` then ``mul``; autograd
+    records a cat, the glu and, backward, ``glu_backward`` and the sum over the pixels: four ops where sigmoid,
+    mul and their backward (sigmoid_backward, two muls, a sum) are six, two GPU launches less per layer."""
+    if is_channels_last(h):  # glu over the channels of the (B, H, W, m) view: the result stays channels-last
+        b, m, hh, ww = h.shape
+        rows = torch.cat([h.permute(0, 2, 3, 1), z[:, None, None, :].expand(b, hh, ww, m)], 3)
+        return F.glu(rows, 3).permute(0, 3, 1, 2)
+    return F.glu(torch.cat([h, z[:, :, None, None].expand_as(h)], 1), 1)
 
 
 class MDConv2d(MultiLayerConv):
@@ -64,6 +78,14 @@ class MDConv2d(MultiLayerConv):
         return self.attention(x)
 
     def _mix(self, h: Tensor, x: Tensor) -> Tensor:
+        att = self.attention
+        if (att.gate == 'sigmoid' and torch.is_grad_enabled() and type(self).dynamic_coefficients is
+                MDConv2d.dynamic_coefficients and calls_forward(att, Attention) and no_global_module_hooks()
+                and not tracing_for_export()):
+            return _sigmoid_scale(h, att.logits(x, False))
+        return self._apply_coefficients(h, self.dynamic_coefficients(x))
+
+    def _mix_symbolic(self, h: Tensor, x: Tensor) -> Tensor:
         return self._apply_coefficients(h, self.dynamic_coefficients(x))
 
     def _apply_coefficients(self, h: Tensor, coeff: Tensor) -> Tensor:
