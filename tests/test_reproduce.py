@@ -264,6 +264,10 @@ def test_keys_seeds_and_loader_options(capsys):
         == [('static', s) for s in range(5)] + [('mdconv_softmax', s) for s in range(3)]
     assert [(r.seed, r.epochs) for r in rp.planned_runs(rp.parse_args(['--suite', 'pilot', '--seeds', '3']))] == [
         (0, 10), (0, 20), (0, 40)]
+    # fine-tuning rows take --finetune-epochs (default --epochs), the other rows --epochs
+    mixed = rp.parse_args(['--keys', 'static', 'ft_mdconv', '--seeds', '0', '--epochs', '20', '--finetune-epochs', '5'])
+    assert [(r.exp.key, r.epochs) for r in rp.planned_runs(mixed)] == [('static', 20), ('ft_mdconv', 5)]
+    assert {r.epochs for r in rp.planned_runs(rp.parse_args(['--suite', 'finetune', '--epochs', '7']))} == {7}
 
     for workers, persistent in ((0, False), (2, True)):
         args = rp.parse_args(['--num-workers', str(workers)])

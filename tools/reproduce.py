@@ -26,8 +26,9 @@ before any gets seed 1).
 
 ``finetune`` / ``finetune_mbv2`` (issue 16: does MAConv/MDConv help a model that is already trained?): the static
 model trained for ``--pretrain-epochs`` (seed 0; the very run ``--keys static`` makes with that many epochs, reused
-with its checkpoint when it is recorded), then ``configs/fashion_mnist/finetune/`` fine-tunes it for ``--epochs``
-more as static, MAConv and MDConv with ``init='preserve'``, each deployed and re-tested like the others.
+with its checkpoint when it is recorded), then ``configs/fashion_mnist/finetune/`` fine-tunes it for
+``--finetune-epochs`` (default ``--epochs``) more as static, MAConv and MDConv with ``init='preserve'``, each
+deployed and re-tested like the others.
 """
 import argparse
 import datetime
@@ -524,6 +525,11 @@ def seeds_of(args, key):
     return tuple(args.seeds) if args.seeds else DEFAULT_SEEDS.get(key, (0, 1, 2))
 
 
+def run_epochs(args, exp):
+    """Epochs of a run of ``exp``: ``--finetune-epochs`` for a fine-tuning row, ``--epochs`` for the others."""
+    return args.finetune_epochs if exp.pretrain else args.epochs
+
+
 def planned_runs(args):
     """The runs of ``--keys`` / ``--suite`` in order: Table 5's rows first (and so the deploy check), then the
     rest; seed-major within each, so a suite cut short still has every row with fewer seeds."""
@@ -533,7 +539,8 @@ def planned_runs(args):
     runs = []
     for group in ([k for k in keys if k in TABLE5], [k for k in keys if k not in TABLE5]):
         seeds = sorted({s for k in group for s in seeds_of(args, k)})
-        runs += [Run(EXPERIMENTS[k], s, args.epochs) for s in seeds for k in group if s in seeds_of(args, k)]
+        runs += [Run(EXPERIMENTS[k], s, run_epochs(args, EXPERIMENTS[k])) for s in seeds for k in group
+                 if s in seeds_of(args, k)]
     return runs
 
 
@@ -970,7 +977,7 @@ def finetune_md(args, recs):
     """Issue 16's experiment: the pretraining run (where its curve ends), then static / MAConv / MDConv fine-tuned
     from it: mean ± STD over seeds, the difference to static fine-tuning ± SE, and the deploy check."""
     lines, used = [], []
-    results = recs.select(args.epochs, pretrain_epochs=args.pretrain_epochs)
+    results = recs.select(args.finetune_epochs, pretrain_epochs=args.pretrain_epochs)
     for stem, prefix in FINETUNE_ROWS:
         pre = recs.one(f'{prefix}static', PRETRAIN_SEED, args.pretrain_epochs)
         if not any(results.get(f'{prefix}ft_{k}') for k in ('static', 'maconv', 'mdconv')):
@@ -983,7 +990,7 @@ def finetune_md(args, recs):
                          f'test accuracy {pre["accuracy"]:.2f} %; its last epochs: {tail} %.')
         else:
             lines.append(f'**{stem}**: the pretraining run ({args.pretrain_epochs} epochs) is not recorded.')
-        lines += ['', f'| fine-tuned for {args.epochs} epochs from it | test accuracy, mean ± STD / % '
+        lines += ['', f'| fine-tuned for {args.finetune_epochs} epochs from it | test accuracy, mean ± STD / % '
                   '| − static fine-tuning ± SE / pp | compact / % (deploy check) |', '|---|---|---|---|']
         for kind in ('static', 'maconv', 'mdconv'):
             key = f'{prefix}ft_{kind}'
@@ -997,9 +1004,11 @@ def finetune_md(args, recs):
         lines.append('')
     if not lines:
         return (f'Runs pending: `python tools/reproduce.py --suite finetune --pretrain-epochs {args.pretrain_epochs} '
-                f'--epochs {args.epochs}{size_options(args)}` (and `--suite finetune_mbv2`).'), used, results
+                f'--finetune-epochs {args.finetune_epochs}{size_options(args)}` (and `--suite finetune_mbv2`).',
+                used, results)
     lines.append(f'Command: `python tools/reproduce.py --suite finetune --pretrain-epochs {args.pretrain_epochs} '
-                 f'--epochs {args.epochs}{size_options(args)}`; the pretraining run is the static row\'s seed-'
+                 f'--finetune-epochs {args.finetune_epochs}{size_options(args)}`; the pretraining run is the static '
+                 f'row\'s seed-'
                  f'{PRETRAIN_SEED} run of {args.pretrain_epochs} epochs; the MAConv compact checkpoint is evaluated as '
                  'the static model.')
     return '\n'.join(lines), used, results
@@ -1206,6 +1215,9 @@ def parse_args(argv=None):
                         help='--suite pilot: the epoch counts of its static runs')
     parser.add_argument('--pretrain-epochs', type=int,
                         help='finetune suites: epochs of the static run they start from (default: --epochs)')
+    parser.add_argument('--finetune-epochs', type=int,
+                        help='finetune suites: epochs of the fine-tuning runs, the extra budget (default: --epochs); '
+                             'the fine-tuning table shows this budget')
     parser.add_argument('--train-size', type=int, default=0,
                         help=f'train on the first N training images (0: all {FULL_TRAIN})')
     parser.add_argument('--test-size', type=int, default=0,
@@ -1242,9 +1254,12 @@ def parse_args(argv=None):
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if args.pretrain_epochs is None:
         args.pretrain_epochs = args.epochs
+    if args.finetune_epochs is None:
+        args.finetune_epochs = args.epochs
     for name in ('work_dir', 'records', 'docs', 'plots_dir'):
         setattr(args, name, osp.abspath(getattr(args, name)))
-    recipe = ['--epochs', args.epochs, '--pretrain-epochs', args.pretrain_epochs, '--train-size', args.train_size,
+    recipe = ['--epochs', args.epochs, '--pretrain-epochs', args.pretrain_epochs, '--finetune-epochs',
+              args.finetune_epochs, '--train-size', args.train_size,
               '--test-size', args.test_size, '--batch-size', args.batch_size, '--num-workers', args.num_workers,
               '--work-dir', args.work_dir, '--records', args.records, '--docs', args.docs, '--plots-dir',
               args.plots_dir, '--device', args.device]
