@@ -223,3 +223,21 @@ def test_the_fashion_mnist_config_builds_the_fast_path_through_mmengine():
 def _optim(model):
     from mmengine.optim import OptimWrapper
     return OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@needs_fashion_mnist
+def test_throughput_tool_times_both_paths_and_writes_its_table(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mdplug_tools_throughput', osp.join(ROOT, 'tools', 'throughput.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / 'throughput.md'
+    tool.main(['--models', 'smallnet_x1', '--kinds', 'static', '--iters', '5', '--rounds', '1', '--batch-size', '16',
+               '--out', str(out)])
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if 'smallnet_x1_static.py' in line)
+    mm, plain = (float(cell) for cell in row.split('|')[2:4])
+    assert mm > 0 and plain > 0
+    assert 'plain ÷ mmengine' in text and 'load average' in text
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--iters', '3'])
