@@ -1,6 +1,14 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# One intra-op thread in every test process (each pytest-xdist worker, see setup.cfg) and in the tools it starts:
+# the models here are small, and two workers on two cores with OpenMP's spinning threads each slow everything
+# down (measured: tests/test_timm.py 100 s with two threads, 39 s with one, on the busy 2-core machine).
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
