@@ -5,6 +5,8 @@ import os.path as osp
 import subprocess
 import sys
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'benchmark.py')
 
@@ -91,18 +93,30 @@ def test_variant_lists_static_first_and_no_floor_when_compiled():
     assert benchmark.FLOOR not in compiled and compiled == [v for v in benchmark.INFER if v != benchmark.FLOOR]
 
 
-def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path):
+def refusal(capsys, *args):
+    """``tools/benchmark.py ARGS`` in this process (its refusals come before any work or global setting): the
+    exit status and stderr."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(list(args))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_device_and_dtype_are_refused_with_the_option_named(tmp_path, capsys):
     import torch
     if not torch.cuda.is_available():
-        proc = run('--device', 'cuda', '--out', str(tmp_path / 'b.md'))
-        assert proc.returncode == 2 and '--device cuda' in proc.stderr and 'no CUDA device' in proc.stderr
-    proc = run('--dtype', 'float16', '--out', str(tmp_path / 'b.md'))
-    assert proc.returncode == 2 and '--dtype float16 needs --device cuda' in proc.stderr
-    proc = run('--variants', 'static', 'mdconv compact', '--out', str(tmp_path / 'b.md'))
-    assert proc.returncode == 2 and "--variants: unknown 'mdconv compact'" in proc.stderr
-    assert 'mdconv compact (auto)' in proc.stderr  # the known names are listed
-    proc = run('--variants', 'static + attention (floor)', '--torchcompile', '--out', str(tmp_path / 'b.md'))
-    assert proc.returncode == 2 and 'means nothing with --torchcompile' in proc.stderr
+        code, err = refusal(capsys, '--device', 'cuda', '--out', str(tmp_path / 'b.md'))
+        assert code == 2 and '--device cuda' in err and 'no CUDA device' in err
+    code, err = refusal(capsys, '--dtype', 'float16', '--out', str(tmp_path / 'b.md'))
+    assert code == 2 and '--dtype float16 needs --device cuda' in err
+    code, err = refusal(capsys, '--variants', 'static', 'mdconv compact', '--out', str(tmp_path / 'b.md'))
+    assert code == 2 and "--variants: unknown 'mdconv compact'" in err
+    assert 'mdconv compact (auto)' in err  # the known names are listed
+    code, err = refusal(capsys, '--variants', 'static + attention (floor)', '--torchcompile', '--out',
+                        str(tmp_path / 'b.md'))
+    assert code == 2 and 'means nothing with --torchcompile' in err
     assert not (tmp_path / 'b.md').exists()
 
 

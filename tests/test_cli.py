@@ -1,7 +1,9 @@
-"""The ``mdplug`` command, run as a subprocess, and the checkpoints it writes."""
+"""The ``mdplug`` command and the checkpoints it writes: in this process through ``mdplug.cli.main`` (the same
+exit status and output), the installed console script and ``python -m mdplug.cli`` as subprocesses."""
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,12 +17,18 @@ from mdplug.nn import MAConv2d
 ENV = dict(os.environ, PYTHONWARNINGS='ignore')
 
 
-def mdplug(*args):
-    return subprocess.run([sys.executable, '-m', 'mdplug.cli', *args], capture_output=True, text=True, env=ENV,
-                          timeout=300)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def test_convert_prints_a_table():
+@pytest.fixture
+def mdplug(mdplug_cli):
+    """The command in this process (conftest's ``mdplug_cli``): returncode, stdout and stderr as a subprocess's.
+    The installed console script and ``python -m mdplug.cli`` run as real subprocesses below (the README's main
+    job and the missing-onnx case)."""
+    return mdplug_cli
+
+
+def test_convert_prints_a_table(mdplug):
     r = mdplug('convert', '--model', 'mobilenetv2_050', '--input-size', '3', '96', '96', '-v')
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -31,7 +39,7 @@ def test_convert_prints_a_table():
     assert '-> OK' in out
 
 
-def test_convert_json():
+def test_convert_json(mdplug):
     r = mdplug('convert', '--model', 'resnet18', '--kind', 'maconv', '--select', 'spatial', '--m', '8',
                '--input-size', '3', '64', '64', '--json')
     assert r.returncode == 0, r.stderr
@@ -44,7 +52,7 @@ def test_convert_json():
     assert d['max_abs_diff'] <= 1e-4 * d['max_abs_out']
 
 
-def test_torchvision_model():
+def test_torchvision_model(mdplug):
     r = mdplug('convert', '--model', 'torchvision:shufflenet_v2_x0_5', '--input-size', '3', '64', '64', '--json')
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)['replaced']) == 35
@@ -57,23 +65,22 @@ def test_torchvision_model():
     (('--model', 'configs/does_not_exist.py'), 'does not exist'),
     (('--model', 'resnet18', '--checkpoint', 'missing.pth'), "checkpoint 'missing.pth' does not exist"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message):
+def test_bad_input_is_one_line_and_exit_2(args, message, mdplug):
     r = mdplug('convert', *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('mdplug convert: error:')
-    import re
     assert re.search(message, lines[0]), lines[0]
 
 
-def test_checkpoint_that_does_not_match(tmp_path):
+def test_checkpoint_that_does_not_match(tmp_path, mdplug):
     bad = tmp_path / 'other.pth'
     torch.save(timm.create_model('resnet10t').state_dict(), bad)
     r = mdplug('convert', '--model', 'resnet18', '--checkpoint', str(bad))
     assert r.returncode == 2 and 'does not match resnet18' in r.stderr
 
 
-def test_out_compact_and_load(tmp_path):
+def test_out_compact_and_load(tmp_path, mdplug):
     """convert --out (expanding) → compact --checkpoint → mdplug.load; MAConv compact loads into timm's model."""
     static = tmp_path / 'static.pth'
     torch.save(timm.create_model('mobilenetv2_050').state_dict(), static)
@@ -108,7 +115,7 @@ def test_out_compact_and_load(tmp_path):
     assert r.returncode == 2 and 'not an mdplug checkpoint' in r.stderr
 
 
-def test_compact_form_out_for_mdconv(tmp_path):
+def test_compact_form_out_for_mdconv(tmp_path, mdplug):
     out = tmp_path / 'md.pth'
     r = mdplug('convert', '--model', 'mobilenetv3_small_050', '--form', 'compact', '--input-size', '3', '64', '64',
                '--out', str(out))
@@ -129,9 +136,12 @@ def test_load_rejects_a_tampered_checkpoint(tmp_path):
 
 
 def test_mobilenetv2_100_default_command():
-    """The README's main job (its speed is measured by tools/benchmark.py, not asserted here)."""
-    r = subprocess.run([sys.executable, '-m', 'mdplug.cli', 'convert', '--model', 'mobilenetv2_100'],
-                       capture_output=True, text=True, env=ENV)
+    """The README's main job, through the installed console script (its speed is measured by tools/benchmark.py,
+    not asserted here)."""
+    script = shutil.which('mdplug', path=os.path.dirname(sys.executable))
+    assert script, f'no mdplug console script beside {sys.executable}: pip install -e .'
+    r = subprocess.run([script, 'convert', '--model', 'mobilenetv2_100'], capture_output=True, text=True, env=ENV,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert '33 convs replaced' in r.stdout and '-> OK' in r.stdout
     # the paper's Table 1 row (3.5M / 300M static; MDConv 5.0M / 335M counted with a per-sample kernel everywhere)
@@ -149,7 +159,7 @@ def _one_error_line(r, command='convert'):
     return lines[0]
 
 
-def test_torchvision_mnasnet_checkpoint_compacts_exports_and_loads(tmp_path):
+def test_torchvision_mnasnet_checkpoint_compacts_exports_and_loads(tmp_path, mdplug):
     """MNASNet's _load_from_state_dict reads module versions from the state_dict's _metadata."""
     exp, comp, onnx_path = tmp_path / 'e.pth', tmp_path / 'c.pth', tmp_path / 'e.onnx'
     r = mdplug('convert', '--model', 'torchvision:mnasnet0_5', '--kind', 'maconv', '--m', '4', '--input-size', '3',
@@ -170,7 +180,7 @@ def test_torchvision_mnasnet_checkpoint_compacts_exports_and_loads(tmp_path):
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
-def test_compact_refuses_to_overwrite_its_input(tmp_path):
+def test_compact_refuses_to_overwrite_its_input(tmp_path, mdplug):
     exp = tmp_path / 'e.pth'
     r = mdplug('convert', '--model', 'resnet18', '--kind', 'maconv', '--m', '4', '--select', 'spatial', '--input-size',
                '3', '32', '32', '--out', str(exp))
@@ -195,12 +205,12 @@ def test_compact_refuses_to_overwrite_its_input(tmp_path):
     assert torch.load(exp, weights_only=True)['meta']['form'] == 'compact'
 
 
-def test_an_input_too_small_for_the_model_is_an_error():
+def test_an_input_too_small_for_the_model_is_an_error(mdplug):
     line = _one_error_line(mdplug('convert', '--model', 'mobilenetv2_050', '--input-size', '3', '7', '7'))
     assert 'example input 1×3×7×7 is too small' in line and '(stride 2) receives a 1×1 map' in line
 
 
-def test_the_projects_own_models_are_reported_not_converted_again(tmp_path):
+def test_the_projects_own_models_are_reported_not_converted_again(tmp_path, mdplug):
     r = mdplug('convert', '--model', 'mobilenetv2_050_mdconv', '--input-size', '3', '64', '64', '--json')
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -222,14 +232,17 @@ def test_the_projects_own_models_are_reported_not_converted_again(tmp_path):
     assert sum(type(m).__name__ == 'MDConv2d' for m in model.modules()) > 0
 
 
-def test_static_config_macs_at_the_config_input_shape():
+def test_static_config_macs_at_the_config_input_shape(mdplug):
     r = mdplug('convert', '--model', 'configs/cifar10/mobilenet_v2_cifar_x01_static.py', '--json')
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)['input_size'] == [3, 32, 32]
 
 
-def test_mismatch_exits_1_and_names_the_float32_rounding_case():
-    """dla60 is one of docs/timm_coverage.md's float32-rounding mismatches."""
+def test_mismatch_exits_1_and_names_the_float32_rounding_case(mdplug):
+    """dla60 is one of docs/timm_coverage.md's float32-rounding mismatches. Its relative error sits near the
+    tolerance (random weights, one thread, seeds 0-11: 0.94e-4 to 1.8e-4; a fresh process draws its own weights):
+    the weights of seed 2 (1.8e-4) make the mismatch reproducible."""
+    torch.manual_seed(2)
     r = mdplug('convert', '--model', 'dla60', '--input-size', '3', '64', '64', '--json')
     assert r.returncode == 1, r.stderr
     d = json.loads(r.stdout)
@@ -256,12 +269,12 @@ def test_mismatch_line_says_how_to_recheck(monkeypatch):
     (('--out', '.'), r'--out \. is a directory; give a file path'),
     (('--out', 'no/such/dir/x.pth'), r'--out no/such/dir/x\.pth: directory no/such/dir does not exist'),
 ])
-def test_bad_convert_options(args, message):
+def test_bad_convert_options(args, message, mdplug):
     line = _one_error_line(mdplug('convert', '--model', 'resnet18', *args))
     assert re.search(message, line), line
 
 
-def test_bad_checkpoint_files(tmp_path):
+def test_bad_checkpoint_files(tmp_path, mdplug):
     noise, text = tmp_path / 'noise.pth', tmp_path / 'text.pth'
     noise.write_bytes(bytes(range(256)) * 8)
     text.write_text('not a checkpoint\n' * 20)
@@ -273,7 +286,7 @@ def test_bad_checkpoint_files(tmp_path):
     assert str(noise) in line and 'weights_only' not in line
 
 
-def test_nothing_matched_is_short_and_v_lists_every_conv():
+def test_nothing_matched_is_short_and_v_lists_every_conv(mdplug):
     line = _one_error_line(mdplug('convert', '--model', 'mobilenetv2_050', '--select', 'spatial', '--input-size',
                                   '3', '32', '32'))
     assert 'nothing matched' in line and 'depthwise ×17' in line and len(line) < 500
@@ -282,7 +295,7 @@ def test_nothing_matched_is_short_and_v_lists_every_conv():
     assert 'blocks.6.0.conv_dw' in long and len(long) > len(line)
 
 
-def test_bad_export_options(tmp_path):
+def test_bad_export_options(tmp_path, mdplug):
     base = ('export', '--model', 'resnet18', '--input-size', '3', '32', '32')
     out = str(tmp_path / 'r.onnx')
     for args, message in [
@@ -312,7 +325,7 @@ def test_export_without_onnx_says_install_the_extra(tmp_path):
     assert "No module named 'onnx'" in line and 'pip install -e ".[export]"' in line
 
 
-def test_help_lists_every_option_with_its_default():
+def test_help_lists_every_option_with_its_default(mdplug):
     r = mdplug('convert', '--help')
     assert r.returncode == 0
     c = ' '.join(r.stdout.split())  # argparse wraps lines at the terminal width

@@ -2,9 +2,6 @@
 built fresh, DYConv's experts drawn independently."""
 import copy
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -220,20 +217,18 @@ def test_preserved_maconv_fine_tuned_and_compacted_loads_strictly_into_the_origi
         assert rel_err(target_model.eval()(x.double()), expected) <= 1e-9
 
 
-def test_cli_init_option(tmp_path):
+def test_cli_init_option(tmp_path, mdplug_cli):
     """``mdplug convert --init``: 'preserve' by default, 'fresh' on request (DYConv's experts then independent)."""
     from mdplug.cli import _parser
     assert _parser().parse_args(['convert', '--model', 'resnet18']).init == 'preserve'
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
     out = tmp_path / 'fresh.pth'
-    subprocess.run([sys.executable, '-m', 'mdplug.cli', 'convert', '--model', 'mobilenetv2_050', '--kind', 'dyconv',
-                    '--init', 'fresh', '--input-size', '3', '32', '32', '--out', str(out), '--json'],
-                   check=True, env=env, capture_output=True)
+    r = mdplug_cli('convert', '--model', 'mobilenetv2_050', '--kind', 'dyconv', '--init', 'fresh', '--input-size', '3',
+                   '32', '32', '--out', out, '--json')
+    assert r.returncode == 0, r.stderr
     state = torch.load(out, weights_only=True)['state_dict']
     layer = DYConv2d(8, 48, 1, bias=False)
     layer.load_state_dict({k[len('blocks.1.0.conv_pw.'):]: v for k, v in state.items()
                            if k.startswith('blocks.1.0.conv_pw.')})
     assert min(pairwise_relative_distances(layer)) > 1.0
-    bad = subprocess.run([sys.executable, '-m', 'mdplug.cli', 'convert', '--model', 'mobilenetv2_050', '--init',
-                          'keep'], env=env, capture_output=True, text=True)
+    bad = mdplug_cli('convert', '--model', 'mobilenetv2_050', '--init', 'keep')
     assert bad.returncode == 2 and "--init: invalid choice: 'keep'" in bad.stderr

@@ -162,6 +162,15 @@ def test_tools_test_reads_the_form_from_the_checkpoint(checkpoints, tmp_path):
     assert proc.returncode == 0 and 'holds the static form: evaluated as the compact model' in proc.stderr + \
         proc.stdout, proc.stderr[-3000:]
 
-    proc = run_test_tool(config('mdconv'), train, '--deployed', '--work-dir', str(tmp_path))
-    assert proc.returncode != 0
-    assert 'holds the training (expanding) form of the model, not a compact one: drop --deployed' in proc.stderr
+
+
+def test_tools_test_deployed_refuses_a_training_checkpoint(checkpoints, tmp_path, monkeypatch):
+    """tools/test.py, the real script, run in this process: it refuses before building a Runner."""
+    _, train, _ = checkpoints['mdconv']
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv('LOCAL_RANK', '0')  # (the script sets it when absent)
+    monkeypatch.setattr(sys, 'argv', ['tools/test.py', config('mdconv'), train, '--deployed', '--work-dir',
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(osp.join(ROOT, 'tools/test.py'), run_name='__main__')
+    assert 'holds the training (expanding) form of the model, not a compact one: drop --deployed' in str(e.value.code)
