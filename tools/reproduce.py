@@ -1034,8 +1034,10 @@ def mean_curve(curves):
 def plot_finetune(args, recs, results, path):
     """The pretraining curve, then each fine-tuning curve after it (mean over seeds)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(FINETUNE_ROWS), figsize=(11, 4))
-    for ax, (stem, prefix) in zip(axes, FINETUNE_ROWS):
+    rows = [(stem, prefix) for stem, prefix in FINETUNE_ROWS
+            if any(results.get(f'{prefix}ft_{kind}') for kind in ('static', 'maconv', 'mdconv'))]
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows) + 0.5, 4), squeeze=False)
+    for ax, (stem, prefix) in zip(axes[0], rows):
         pre = recs.one(f'{prefix}static', PRETRAIN_SEED, args.pretrain_epochs)
         start = 0
         if pre:
