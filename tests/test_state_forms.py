@@ -47,13 +47,15 @@ def test_mdconv_refuses_a_static_conv():
 
 def test_a_layer_that_switched_while_loading_refuses_a_training_step_until_accepted():
     """An optimizer built before the load (the Runner's, for ``load_from``) lacks the compact parameters."""
-    from mdplug.nn import _state
+    import mdplug
     compact = randomize_bn(MDConv2d(8, 12, 1, m=5)).eval().fuse()
     layer = MDConv2d(8, 12, 1, m=5)  # training mode
     layer.load_state_dict(compact.state_dict())
     with pytest.raises(RuntimeError, match='an optimizer built before the load does not hold its new parameters'):
         layer(torch.randn(2, 8, 4, 4))
-    _state.accept(layer)
+    with pytest.raises(RuntimeError, match=r'call mdplug.accept_loaded\(model\) first'):
+        layer(torch.randn(2, 8, 4, 4))
+    assert mdplug.accept_loaded(layer) is layer
     layer(torch.randn(2, 8, 4, 4)).sum().backward()
     assert layer.weight1.grad is not None
 

@@ -5,6 +5,7 @@ from .dyconv import DYConv2d
 from .maconv import MAConv2d
 from .mdconv import MDConv2d
 from .seconv import SEConv2d
+from ._state import CheckpointFormError, accept as accept_loaded
 
 #: kind name (as used by :func:`mdplug.convert`, configs and the CLI) -> layer class
 LAYERS = {
@@ -16,4 +17,5 @@ LAYERS = {
 }
 MDPLUG_LAYERS = tuple(LAYERS.values())
 
-__all__ = ['Attention', 'DCDConv2d', 'DYConv2d', 'MAConv2d', 'MDConv2d', 'SEConv2d', 'LAYERS', 'MDPLUG_LAYERS']
+__all__ = ['Attention', 'DCDConv2d', 'DYConv2d', 'MAConv2d', 'MDConv2d', 'SEConv2d', 'LAYERS', 'MDPLUG_LAYERS',
+           'CheckpointFormError', 'accept_loaded']

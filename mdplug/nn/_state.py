@@ -96,12 +96,14 @@ def _refuse_stale_training(layer: nn.Module, args) -> None:
             f'model (e.g. load_from / pretrained of a training config), so an optimizer built before the load does '
             f'not hold its new parameters and would never update them. Train from the training (expanding) '
             f'checkpoint; or, to train the compact form itself, build the optimizer after loading and call '
-            f'mdplug.nn._state.accept(model) first')
+            f'mdplug.accept_loaded(model) first')
     accept(layer)
 
 
 def accept(model: nn.Module) -> nn.Module:
-    """Allow training steps of layers that switched form while loading (the optimizer was built afterwards)."""
+    """Allow training steps of layers that switched form while loading (the optimizer was built afterwards).
+
+    Public as :func:`mdplug.accept_loaded`; returns ``model``."""
     for module in model.modules():
         hook_id = module.__dict__.pop(SWITCHED, None)
         if hook_id is not None:
