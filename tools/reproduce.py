@@ -808,7 +808,11 @@ def table10_md(args, results):
     return '\n'.join(lines) + pending_note(results, TABLE10, 'table10', args)
 
 
-SMALLNET_PAPER = (('paper: SmallNet ×1, CIFAR-10 / %', PAPER_SMALLNET), )
+def ablation_md(args, results, rows, what, paper_title, keys, suite, not_run):
+    """A SmallNet ablation table beside the paper's SmallNet CIFAR-10 column, the pending note, and the paper's
+    rows that are not run here."""
+    return (rows_md(results, rows, what, ((paper_title, PAPER_SMALLNET), )) + pending_note(results, keys, suite, args)
+            + f'\n\nThe paper also has {not_run}, not run here.')
 
 
 def table11_md(args, results):
@@ -816,28 +820,24 @@ def table11_md(args, results):
             ('MAConv m = 40', 'maconv_m40', 'maconv'), ('MAConv m = 60', 'maconv_m60', 'maconv'),
             ('MDConv m = 20', 'mdconv', 'mdconv'), ('MDConv m = 40', 'mdconv_m40', 'mdconv'),
             ('MDConv m = 60', 'mdconv_m60', 'mdconv')]
-    return (rows_md(results, rows, 'intermediate channels m', (('paper Table 11: SmallNet ×1, CIFAR-10 / %',
-                                                                   PAPER_SMALLNET), ))
-            + pending_note(results, TABLE11, 'table11', args) + '\n\nThe paper also has m = 30 (MAConv 74.924, '
-            'MDConv 77.798 %) and m = 50 (74.294, 77.970 %), not run here.')
+    return ablation_md(args, results, rows, 'intermediate channels m', 'paper Table 11: SmallNet ×1, CIFAR-10 / %',
+                       TABLE11, 'table11', 'm = 30 (MAConv 74.924, MDConv 77.798 %) and m = 50 (74.294, 77.970 %)')
 
 
 def table12_md(args, results):
     rows = [('1/4 × input channels', 'mdconv', 'mdconv'), ('1 × input channels', 'mdconv_hidden1', 'mdconv'),
             ('4 × input channels', 'mdconv_hidden4', 'mdconv')]
-    return (rows_md(results, rows, 'MDConv, attention hidden units', (
-        ('paper Table 12: SmallNet ×1 MDConv, CIFAR-10 / %', PAPER_SMALLNET), ))
-        + pending_note(results, TABLE12, 'table12', args) + '\n\nThe paper also has 1/2 × (78.096 %) and 2 × '
-        '(79.074 %), not run here.')
+    return ablation_md(args, results, rows, 'MDConv, attention hidden units',
+                       'paper Table 12: SmallNet ×1 MDConv, CIFAR-10 / %', TABLE12, 'table12',
+                       '1/2 × (78.096 %) and 2 × (79.074 %)')
 
 
 def table13_md(args, results):
     rows = [('Sigmoid', 'mdconv', 'mdconv'), ('Softmax', 'mdconv_softmax', 'mdconv'),
             ('Softmax T = 30', 'mdconv_softmax_t30', 'mdconv')]
-    return (rows_md(results, rows, 'MDConv, gate function', (
-        ('paper Table 13: SmallNet ×1 MDConv, CIFAR-10 / %', PAPER_SMALLNET), ))
-        + pending_note(results, TABLE13, 'table13', args) + '\n\nThe paper also has softmax T = 5 (77.160 %), '
-        '10 (76.612 %) and 20 (76.486 %), not run here.')
+    return ablation_md(args, results, rows, 'MDConv, gate function',
+                       'paper Table 13: SmallNet ×1 MDConv, CIFAR-10 / %', TABLE13, 'table13',
+                       'softmax T = 5 (77.160 %), 10 (76.612 %) and 20 (76.486 %)')
 
 
 def deploy_md(args, results, keys):
@@ -1031,6 +1031,22 @@ def mean_curve(curves):
     return epochs, per_epoch
 
 
+def epoch_axes(ax, title, fontsize=None, legend_size=None):
+    """Labels, title, grid and (when anything is drawn) the legend of a test-accuracy-per-epoch plot."""
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test accuracy / %')
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_finetune(args, recs, results, path):
     """The pretraining curve, then each fine-tuning curve after it (mean over seeds)."""
     plt = _pyplot()
@@ -1053,15 +1069,8 @@ def plot_finetune(args, recs, results, path):
             epochs, per_epoch = mean_curve(curves)
             ax.plot([start + e for e in epochs], [statistics.mean(v) for v in per_epoch], marker='o',
                     label=f'{EXPERIMENTS[key].label} (n={len(curves)})')
-        ax.set_title(f'{stem}, Fashion-MNIST')
-        ax.set_xlabel('epoch')
-        ax.set_ylabel('test accuracy / %')
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        epoch_axes(ax, f'{stem}, Fashion-MNIST', legend_size=8)
+    save(plt, fig, path)
 
 
 def plot_curves(args, results, path):
@@ -1081,15 +1090,8 @@ def plot_curves(args, results, path):
                     label=f'{EXPERIMENTS[key.removeprefix("mbv2_")].label} (n={len(curves)})')
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel('epoch')
-        ax.set_ylabel('test accuracy / %')
-        ax.set_title(f'{net} on Fashion-MNIST, {args.epochs} epochs (mean, min–max over seeds)', fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        epoch_axes(ax, f'{net} on Fashion-MNIST, {args.epochs} epochs (mean, min–max over seeds)', fontsize=9)
+    save(plt, fig, path)
 
 
 def plot_pilot(pilots, path):
@@ -1100,15 +1102,8 @@ def plot_pilot(pilots, path):
         points = [(i + 1, c) for i, c in enumerate(r['curve']) if c is not None]
         if points:
             ax.plot(*zip(*points), label=f'{r["epochs"]} epochs: {r["accuracy"]:.2f} %')
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('test accuracy / %')
-    ax.set_title(f'Pilot: static SmallNet ×1 on Fashion-MNIST, seed {PILOT_SEED}')
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    epoch_axes(ax, f'Pilot: static SmallNet ×1 on Fashion-MNIST, seed {PILOT_SEED}')
+    save(plt, fig, path)
 
 
 def plot_widths(results, path):
@@ -1131,9 +1126,7 @@ def plot_widths(results, path):
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(plt, fig, path)
 
 
 SECTIONS = (('setup', 'Set-up'), ('pilot', 'Pilot: how many epochs'),
