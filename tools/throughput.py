@@ -51,16 +51,20 @@ def build_cfg(config, batch_size, iters, work_dir):
     return cfg
 
 
-class _Clock:
-    """mmengine hook body: the time at the end of each training iteration."""
+def clock_hook():
+    """An mmengine hook recording the time at the end of each training iteration in its ``stamps``."""
+    from mmengine.hooks import Hook
 
-    priority = 'LOWEST'
+    class ThroughputClock(Hook):
+        priority = 'LOWEST'
 
-    def __init__(self):
-        self.stamps = []
+        def __init__(self):
+            self.stamps = []
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        self.stamps.append(time.perf_counter())
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self.stamps.append(time.perf_counter())
+
+    return ThroughputClock()
 
 
 def images_per_s(stamps, batch_size):
@@ -70,15 +74,13 @@ def images_per_s(stamps, batch_size):
 
 
 def run_mmengine(cfg, round_):
-    from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    clock = _Clock()
-    hook = type('ThroughputClock', (Hook, ), {'priority': 'LOWEST', 'after_train_iter': clock.after_train_iter})()
+    clock = clock_hook()
     cfg = cfg.copy()
     cfg.experiment_name = f'throughput_{round_}_{time.time_ns()}'
     runner = Runner.from_cfg(cfg)
-    runner.register_hook(hook, priority='LOWEST')
+    runner.register_hook(clock, priority='LOWEST')
     runner.train()
     return images_per_s(clock.stamps, cfg.train_dataloader.batch_size), runner
 
@@ -101,7 +103,7 @@ def run_plain(cfg, dataset, iters):
     crop = dict(pre.get('random_crop') or {})
     flip = (pre.get('random_flip') or {}).get('prob', 0.0)
     images = dataset._preloaded['inputs']
-    labels = torch.cat([label for label in dataset._preloaded['labels']])
+    labels = torch.cat(dataset._preloaded['labels'])
     opt = cfg.optim_wrapper.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=opt['lr'], momentum=opt.get('momentum', 0),
                                 weight_decay=opt.get('weight_decay', 0))
