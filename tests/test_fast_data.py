@@ -172,6 +172,16 @@ def test_preload_refuses_a_random_pipeline_instead_of_freezing_one_draw():
         FashionMNISTIDX(data_root=FASHION_MNIST, split='test', pipeline=PIPELINE, preload='yes')
 
 
+@needs_fashion_mnist
+def test_preload_names_an_empty_dataset_instead_of_failing_inside_the_loop():
+    with pytest.raises(ValueError, match=r'FashionMNISTIDX\(preload=True\): the dataset is empty'):
+        FashionMNISTIDX(data_root=FASHION_MNIST, split='test', pipeline=PIPELINE, preload=True, indices=0,
+                        serialize_data=False)  # (serialized, mmengine itself refuses an empty list first)
+    dataset = FashionMNISTIDX(data_root=FASHION_MNIST, split='test', pipeline=PIPELINE, preload=True, indices=4)
+    with pytest.raises(ValueError, match='the dataset is empty'):
+        dataset.get_subset_([])
+
+
 @TRANSFORMS.register_module(name='_ShrinkAllButFirst', force=True)
 class ShrinkAllButFirst(BaseTransform):
     """Deterministic, but the output size depends on the sample (16x16 for all but sample 0)."""

@@ -97,6 +97,9 @@ class Preloadable:
 
     def _preload(self):
         name, n = type(self).__name__, len(self)
+        if n == 0:
+            raise ValueError(f'{name}(preload=True): the dataset is empty (check indices= and the subset taken), '
+                             'so there is nothing to preload or train on')
         state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
         try:
             self._check_deterministic(min(n, self.PRELOAD_CHECKS))
