@@ -256,10 +256,16 @@ def test_keys_seeds_and_loader_options(capsys):
     assert runs[:6] == [('static', 0), ('dyconv', 0), ('dcd', 0), ('maconv', 0), ('mdconv', 0), ('static', 1)]
     assert runs[:25] == [(k, s) for s in range(5) for k in rp.TABLE5]  # Table 5 first, 5 seeds
     rest = runs[25:]
-    assert {s for _, s in rest} == {0, 1, 2} and [s for _, s in rest] == sorted(s for _, s in rest)
-    order = [k for k, s in rest if s == 0]
+    wide = [i for i, (k, _) in enumerate(rest) if k.startswith(('x2_', 'x4_'))]
+    assert len(wide) == 6 * 3 and wide == list(range(len(rest) - 18, len(rest)))  # Table 10's wider nets last
+    ablations, rest_wide = rest[:-18], rest[-18:]
+    for part in (ablations, rest_wide):  # seed-major within each group
+        assert {s for _, s in part} == {0, 1, 2} and [s for _, s in part] == sorted(s for _, s in part)
+    order = [k for k, s in ablations if s == 0]
     assert order.index('relu_nobypass') < order.index('mdconv_m40') < order.index('mdconv_hidden4') \
-        < order.index('mdconv_softmax_t30') < order.index('x4_mdconv')  # Tables 8/9, 11, 12, 13, then 10
+        < order.index('mdconv_softmax_t30')  # Tables 8/9, 11, 12, 13
+    assert [k for k, s in rest_wide if s == 0] == ['x2_static', 'x2_maconv', 'x2_mdconv', 'x4_static', 'x4_maconv',
+                                                    'x4_mdconv']
     assert [(r.exp.key, r.seed) for r in rp.planned_runs(rp.parse_args(['--keys', 'mdconv_softmax', 'static']))] \
         == [('static', s) for s in range(5)] + [('mdconv_softmax', s) for s in range(3)]
     assert [(r.seed, r.epochs) for r in rp.planned_runs(rp.parse_args(['--suite', 'pilot', '--seeds', '3']))] == [

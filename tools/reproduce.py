@@ -532,12 +532,15 @@ def run_epochs(args, exp):
 
 def planned_runs(args):
     """The runs of ``--keys`` / ``--suite`` in order: Table 5's rows first (and so the deploy check), then the
-    rest; seed-major within each, so a suite cut short still has every row with fewer seeds."""
+    ablations of Tables 8, 9 and 11-13, then the wider networks of Table 10 (the costliest, and not among the
+    ablations issue 18 asks seeds of); seed-major within each, so a suite cut short still has every row with fewer
+    seeds."""
     if args.suite == 'pilot' and not args.keys:
         return [Run(EXPERIMENTS['static'], PILOT_SEED, e) for e in args.pilot_epochs]
     keys = args.keys or SUITES[args.suite]
+    wide = [k for k in keys if k in TABLE10 and k not in TABLE5]
     runs = []
-    for group in ([k for k in keys if k in TABLE5], [k for k in keys if k not in TABLE5]):
+    for group in ([k for k in keys if k in TABLE5], [k for k in keys if k not in TABLE5 and k not in wide], wide):
         seeds = sorted({s for k in group for s in seeds_of(args, k)})
         runs += [Run(EXPERIMENTS[k], s, run_epochs(args, EXPERIMENTS[k])) for s in seeds for k in group
                  if s in seeds_of(args, k)]
