@@ -88,10 +88,8 @@ def git(repo, *argv):
     return subprocess.run(['git', '-C', str(repo), *argv], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.skipif(not osp.isdir(DATA), reason=f"no Fashion-MNIST in {DATA} (apt-get install dataset-fashion-mnist)")
-def test_records_are_committed_edited_configs_rerun_and_a_fresh_clone_reports_from_records(tmp_path):
-    """In a throwaway git repository holding tools/ and configs/: ``--commit`` commits exactly the new record; an
-    edited config (not a comment) is a new run; a clone without work dirs rebuilds the tables from the records."""
+def throwaway_repo(tmp_path):
+    """A git repository under ``tmp_path`` holding a copy of tools/ and configs/, one commit."""
     repo = tmp_path / 'repo'
     repo.mkdir()
     for folder in ('tools', 'configs'):
@@ -102,6 +100,14 @@ def test_records_are_committed_edited_configs_rerun_and_a_fresh_clone_reports_fr
     git(repo, 'config', 'user.name', 'test')
     git(repo, 'add', '-A')
     git(repo, 'commit', '-q', '-m', 'init')
+    return repo
+
+
+@pytest.mark.skipif(not osp.isdir(DATA), reason=f"no Fashion-MNIST in {DATA} (apt-get install dataset-fashion-mnist)")
+def test_records_are_committed_edited_configs_rerun_and_a_fresh_clone_reports_from_records(tmp_path):
+    """In a throwaway git repository holding tools/ and configs/: ``--commit`` commits exactly the new record; an
+    edited config (not a comment) is a new run; a clone without work dirs rebuilds the tables from the records."""
+    repo = throwaway_repo(tmp_path)
     init = git(repo, 'rev-parse', 'HEAD').strip()
     run = functools.partial(reproduce, tmp_path, '--keys', 'static', suite=None, cwd=repo,
                             script=str(repo / 'tools' / 'reproduce.py'), paths=False)
@@ -281,3 +287,66 @@ def test_keys_seeds_and_loader_options(capsys):
         for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
             assert f'{loader}.num_workers={workers}' in opts and f'{loader}.persistent_workers={persistent}' in opts
         assert not any('indices' in o for o in opts)  # the full training and test sets by default
+
+
+@pytest.mark.skipif(not osp.isdir(DATA), reason=f"no Fashion-MNIST in {DATA} (apt-get install dataset-fashion-mnist)")
+def test_park_carries_unfinished_runs_and_pretraining_checkpoints_to_a_fresh_work_dir(tmp_path):
+    """``--park`` keeps what resuming needs in the repository (sessions start on fresh machines, the work dir is
+    scratch): an unfinished run's last checkpoint and curve, the final checkpoint of a recorded pretraining run
+    that pending fine-tuning runs start from. A later call on an empty work dir restores them, resumes the run
+    from its epoch and drops its parked state with the record (committed together with ``--commit``)."""
+    repo = throwaway_repo(tmp_path)
+    rp = load_reproduce(repo)
+    work, recs, park = repo / 'work_dirs' / 'r', repo / 'docs' / 'results' / 'runs', repo / 'docs' / 'parked'
+    common = ['--pretrain-epochs', '1', '--finetune-epochs', '1', '--test-size', '128', '--train-size', '128',
+              '--seeds', '0', '--work-dir', str(work), '--records', str(recs), '--park-dir', str(park),
+              '--docs', str(repo / 'docs' / 'results.md'), '--plots-dir', str(repo / 'docs' / 'results')]
+    run = functools.partial(reproduce, tmp_path, suite=None, cwd=repo, script=str(repo / 'tools' / 'reproduce.py'),
+                            paths=False)
+    run('--keys', 'static', '--epochs', '1', *common)
+    (one, first), = records(recs).items()
+    one = one[:-len('.json')]
+
+    # the recorded static run is the pretraining of a pending fine-tuning run: its final checkpoint is parked
+    out = run('--keys', 'ft_static', '--park', *common)
+    assert f'park: static seed 0 (1 epoch) -> {park / one} (epoch_1.pth, its final checkpoint' in out
+    info = json.loads((park / one / 'parked.json').read_text())
+    assert info['finished'] is True and info['checkpoint'] == 'epoch_1.pth' and info['scalars'] == []
+    args = rp.parse_args(['--keys', 'ft_static', *common])
+    pre = rp.pretrain_run(args, rp.EXPERIMENTS['ft_static'])
+    os.remove(work / one / 'epoch_1.pth')  # a fresh machine: restored, then reused, not retrained
+    assert rp.unpark(args, pre) and (work / one / 'epoch_1.pth').is_file()
+    assert [a for _, a in rp.pretraining_plan(args, rp.planned_runs(args), rp.load_records(args.records))] == ['reuse']
+
+    # a 2-epoch run interrupted after epoch 1 (its work dir: the 1-epoch run's; no record): parked as unfinished
+    two_args = rp.parse_args(['--keys', 'static', '--epochs', '2', *common])
+    two_run, = rp.planned_runs(two_args)
+    two = rp.run_name(two_args, two_run)
+    shutil.copytree(work / one, work / two)
+    (work / two / 'last_checkpoint').write_text(str(work / two / 'epoch_1.pth'))
+    out = run('--keys', 'static', '--epochs', '2', '--park', '--commit', *common)
+    assert f'park: static seed 0 (2 epochs) -> {park / two} (epoch_1.pth)' in out
+    info = json.loads((park / two / 'parked.json').read_text())
+    assert info['finished'] is False and info['checkpoint'] == 'epoch_1.pth' and len(info['scalars']) == 1
+    assert sorted(p.name for p in (park / two).iterdir()) == sorted(['epoch_1.pth', 'parked.json'] + info['scalars'])
+    assert (park / one / 'parked.json').is_file()  # another plan's parked state stays
+    assert git(repo, 'status', '--porcelain', '--', str(park / two)) == ''  # committed
+    assert f'docs/parked/{two}/epoch_1.pth' in git(repo, 'show', '--name-only', '--format=%s', 'HEAD')
+
+    # a fresh machine: no work dir; the run is restored, resumes at epoch 2, its parked state goes with the record
+    shutil.rmtree(work)
+    out = run('--keys', 'static', '--epochs', '2', '--commit', *common)
+    assert f'park: restored static seed 0 (2 epochs) from {park / two} (epoch_1.pth' in out and '(committed)' in out
+    resumed = records(recs)[f'{two}.json']
+    assert resumed['resumed_from_epoch'] == 1 and len(resumed['curve']) == 2 and None not in resumed['curve']
+    assert resumed['curve'][0] == first['curve'][0]  # epoch 1: the parked curve
+    assert not (park / two).exists()
+    assert git(repo, 'status', '--porcelain', '--', str(park / two), str(recs / f'{two}.json')) == ''
+    changed = git(repo, 'show', '--name-status', '--format=', 'HEAD').splitlines()
+    assert f'D\tdocs/parked/{two}/epoch_1.pth' in changed and f'A\tdocs/results/runs/{two}.json' in changed
+
+    # a run whose worker lives is not parked
+    os.remove(recs / f'{two}.json')
+    (work / two / 'worker.pid').write_text(str(os.getpid()))
+    with pytest.raises(SystemExit, match=r'static seed 0 \(2 epochs\) still running'):
+        rp.park_runs(two_args, [two_run])

@@ -13,9 +13,14 @@ accuracy per epoch, final accuracy, compact accuracy and form, wall seconds, tra
 threads, git commit with a dirty flag, dates). A run whose identity is recorded is skipped, whatever machine or
 commit recorded it; an interrupted one resumes from the last checkpoint in its work dir (``--work-dir``, scratch).
 ``--commit`` commits each record (that file only) as it is written, so that a session that stops loses at most
-the runs in progress. The report (``docs/results.md`` between its ``reproduce:begin/end`` markers, and the PNG
-plots) is made from the records alone: ``--report-only`` works on a fresh clone. Its tables hold the records of
-one budget, the one the command line names (``--epochs``, ``--train-size``, ``--test-size``, ``--batch-size``).
+the runs in progress. A run longer than a session (each session may start on a fresh machine, without the work
+dir) is carried over by ``--park [--commit]`` at the session's end: the last checkpoint and curve of each unfinished
+run, and the final checkpoint of a pretraining run that pending fine-tuning runs need, under ``--park-dir``
+(default ``docs/results/parked``); the next call restores them into the work dir and resumes, and a run's parked
+state is removed (and the removal committed) with its record. The report (``docs/results.md`` between its
+``reproduce:begin/end`` markers, and the PNG plots) is made from the records alone: ``--report-only`` works on a
+fresh clone. Its tables hold the records of one budget, the one the command line names (``--epochs``,
+``--train-size``, ``--test-size``, ``--batch-size``).
 
 Suites (``--suite``; or ``--keys K1 K2 ...``): ``table5``, ``deploy`` (the expanding models of ``table5``),
 ``table8`` .. ``table13``, ``default`` (Table 5 first, then Tables 8, 9, 11, 12, 13, 10), ``table5_mbv2``
@@ -37,6 +42,7 @@ import json
 import os
 import os.path as osp
 import statistics
+import shutil
 import subprocess
 import sys
 import threading
@@ -388,7 +394,7 @@ def git_state(args):
     def git(*argv):
         return subprocess.run(['git', '-C', ROOT, *argv], capture_output=True, text=True, check=True).stdout
 
-    outputs = [osp.abspath(p) for p in (args.records, args.docs, args.plots_dir, args.work_dir)]
+    outputs = [osp.abspath(p) for p in (args.records, args.docs, args.plots_dir, args.work_dir, args.park_dir)]
     excluded = [f':(exclude){osp.relpath(p, ROOT)}' for p in outputs if not osp.relpath(p, ROOT).startswith('..')]
     try:
         commit = git('rev-parse', 'HEAD').strip()
@@ -506,20 +512,124 @@ def spawn_experiment(args, run):
     return read_json(record_path(args, run))
 
 
-def commit_record(path, message):
-    """``git add PATH && git commit -m MESSAGE -- PATH`` in the repository holding ``path``: that file only (other
-    staged changes stay staged). A failure is a warning."""
-    path = osp.abspath(path)
-    repo = osp.dirname(path)
-    try:
-        for argv in (['add', '--', path], ['commit', '-q', '-m', message, '--', path]):
-            subprocess.run(['git', '-C', repo, *argv], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, 'stderr', None) or getattr(e, 'stdout', None) or str(e)
-        print(f'warning: could not commit {path}: {detail.strip()}', file=sys.stderr, flush=True)
+
+# ------------------------------------------------------------------------------------------------------ parking
+# A run longer than a session (MobileNetV2 on this CPU) never finishes when every session starts on a fresh
+# machine: the work dir is scratch. ``--park`` keeps what resuming needs in the repository instead: per unfinished
+# run its last checkpoint and mmengine's per-run scalars (the learning curve), per recorded pretraining run that
+# pending fine-tuning runs start from its last checkpoint. A later session on another machine restores them into
+# the work dir and resumes; a run's parked state is removed once its record is written.
+def park_path(args, run):
+    return osp.join(args.park_dir, run_name(args, run))
+
+
+def _newest_checkpoint(work_dir):
+    """The checkpoint mmengine's ``last_checkpoint`` file in ``work_dir`` names, or None."""
+    last = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(last):
+        return None
+    with open(last) as f:
+        path = f.read().strip()
+    path = path if osp.isfile(path) else osp.join(work_dir, osp.basename(path))
+    return path if osp.isfile(path) else None
+
+
+def park_runs(args, runs):
+    """Park every unfinished run of ``runs`` that has a checkpoint, and the last checkpoint of each recorded
+    pretraining run that a pending fine-tuning run of ``runs`` needs; drop parked state nothing needs any more.
+    Returns the parked folders (written or removed). A run whose worker still lives is refused by name."""
+    records = load_records(args.records)
+    pending = [r for r in runs if not is_recorded(args, r, records)]
+    live = [r for r in pending if running_elsewhere(args, r)]
+    if live:
+        raise SystemExit(f'--park: {", ".join(map(str, live))} still running (worker.pid alive): stop the '
+                         f'campaign first, so that no checkpoint is parked half-written')
+    keep, changed = {}, []
+    for run in pending:
+        checkpoint = _newest_checkpoint(run_dir(args, run))
+        if checkpoint:
+            keep[run_name(args, run)] = (run, checkpoint, False)
+    for pre, _ in pretraining_plan(args, runs, records):
+        if is_recorded(args, pre, records) and osp.isfile(last_checkpoint(args, pre)):
+            keep[run_name(args, pre)] = (pre, last_checkpoint(args, pre), True)
+    # parked state of this plan's runs that nothing needs any more (finished, or a pretraining run nothing pending
+    # fine-tunes); what other suites parked stays
+    scope = {run_name(args, r) for r in runs} | {run_name(args, pretrain_run(args, r.exp)) for r in runs
+                                                  if r.exp.pretrain}
+    for name in sorted(scope - set(keep)):
+        if osp.isdir(osp.join(args.park_dir, name)):
+            shutil.rmtree(osp.join(args.park_dir, name))
+            changed.append(osp.join(args.park_dir, name))
+            print(f'park: dropped {name} (nothing pending needs it)', flush=True)
+    for name, (run, checkpoint, final) in keep.items():
+        src, dst = run_dir(args, run), park_path(args, run)
+        tmp = dst + '.tmp'
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shutil.copy2(checkpoint, osp.join(tmp, osp.basename(checkpoint)))
+        stamps = []
+        for stamp in sorted(os.listdir(src)):
+            scalars = osp.join(src, stamp, 'vis_data', 'scalars.json')
+            if not final and osp.isfile(scalars):
+                os.makedirs(osp.join(tmp, stamp, 'vis_data'))
+                shutil.copy2(scalars, osp.join(tmp, stamp, 'vis_data', 'scalars.json'))
+                stamps.append(stamp)
+        write_json(osp.join(tmp, 'parked.json'), dict(
+            run=str(run), checkpoint=osp.basename(checkpoint), finished=final, scalars=stamps, parked=now(),
+            git_commit=git_state(args)[0]))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        changed.append(dst)
+        print(f'park: {run} -> {dst} ({osp.basename(checkpoint)}'
+              f'{", its final checkpoint, for the fine-tuning runs" if final else ""})', flush=True)
+    return changed
+
+
+def unpark(args, run):
+    """Restore ``run``'s parked state into its work dir when the work dir lacks it; True when restored."""
+    src, wd = park_path(args, run), run_dir(args, run)
+    info_path = osp.join(src, 'parked.json')
+    if not osp.isfile(info_path):
         return False
+    info = read_json(info_path)
+    target = osp.join(wd, info['checkpoint'])
+    if info['finished'] and osp.isfile(target):
+        return False
+    if not info['finished'] and _newest_checkpoint(wd):
+        return False  # (this machine's own progress is newer or equal)
+    os.makedirs(wd, exist_ok=True)
+    shutil.copy2(osp.join(src, info['checkpoint']), target)
+    for stamp in info['scalars']:
+        os.makedirs(osp.join(wd, stamp, 'vis_data'), exist_ok=True)
+        shutil.copy2(osp.join(src, stamp, 'vis_data', 'scalars.json'), osp.join(wd, stamp, 'vis_data', 'scalars.json'))
+    if not info['finished']:
+        with open(osp.join(wd, 'last_checkpoint'), 'w') as f:
+            f.write(target)
+    print(f'park: restored {run} from {src} ({info["checkpoint"]}, parked {info["parked"]})', flush=True)
     return True
 
+
+def commit_paths(paths, message):
+    """Stage ``paths`` (additions and removals) and commit exactly them; a failure is a warning."""
+    paths = [osp.abspath(p) for p in paths]
+    repo = osp.dirname(paths[0])
+    while not osp.isdir(repo):
+        repo = osp.dirname(repo)
+    def tracked(path):  # (a folder made and removed between two commits is neither here nor known to git)
+        return subprocess.run(['git', '-C', repo, 'ls-files', '--', path], capture_output=True, text=True).stdout
+
+    paths = [p for p in paths if osp.exists(p) or tracked(p)]
+    if not paths:
+        return True
+    try:
+        subprocess.run(['git', '-C', repo, 'add', '-A', '--', *paths], capture_output=True, text=True, check=True)
+        subprocess.run(['git', '-C', repo, 'commit', '-q', '-m', message, '--', *paths], capture_output=True,
+                       text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, 'stderr', None) or getattr(e, 'stdout', None) or str(e)
+        print(f'warning: could not commit {", ".join(paths)}: {detail.strip()}', file=sys.stderr, flush=True)
+        return False
+    return True
 
 def seeds_of(args, key):
     return tuple(args.seeds) if args.seeds else DEFAULT_SEEDS.get(key, (0, 1, 2))
@@ -564,7 +674,12 @@ def pretraining_plan(args, runs, records):
 def run_suite(args, runs):
     """Run every run of ``runs`` that is not recorded yet, ``args.jobs`` at a time; first the pretraining runs the
     pending fine-tuning runs start from (each reused when it is recorded and its checkpoint is still there)."""
-    plan = pretraining_plan(args, runs, load_records(args.records))
+    records = load_records(args.records)
+    pending = [r for r in runs if not is_recorded(args, r, records)]
+    for run in dict.fromkeys(pending + [pretrain_run(args, r.exp) for r in pending if r.exp.pretrain]):
+        if not running_elsewhere(args, run):
+            unpark(args, run)
+    plan = pretraining_plan(args, runs, records)
     for pre, action in plan:
         checkpoint = last_checkpoint(args, pre)
         print({'train': f'pretraining: {pre} is not recorded yet: training it first',
@@ -600,9 +715,13 @@ def run_runs(args, runs, force=()):
             r = spawn_experiment(args, run)
             msg = f'acc {r["accuracy"]:.2f}' + (f', compact {r["compact_accuracy"]:.2f}'
                                                  if 'compact_accuracy' in r else '')
+            paths = [record_path(args, run)]
+            if osp.isdir(park_path(args, run)):  # (resumed from parked state: done with it)
+                shutil.rmtree(park_path(args, run))
+                paths.append(park_path(args, run))
             if args.commit:
                 with lock:
-                    committed = commit_record(record_path(args, run), f'results: {r["name"]} {msg}')
+                    committed = commit_paths(paths, f'results: {r["name"]} {msg}')
                 msg += ' (committed)' if committed else ' (NOT committed)'
             msg += f' in {r["seconds"]:.0f}s'
         except Exception as e:  # noqa: BLE001  (keep going; the report lists what is missing)
@@ -1234,6 +1353,12 @@ def parse_args(argv=None):
     parser.add_argument('--docs', default='docs/results.md')
     parser.add_argument('--plots-dir', default='docs/results')
     parser.add_argument('--report-only', action='store_true', help='only rewrite docs and plots from the records')
+    parser.add_argument('--park', action='store_true',
+                        help='save what resuming the unfinished runs of --suite/--keys needs (last checkpoints, '
+                             'curves; the final checkpoint of a pretraining run pending fine-tuning runs need) under '
+                             '--park-dir, for a later session on another machine; with --commit, commit it')
+    parser.add_argument('--park-dir', default='docs/results/parked',
+                        help='parked runs (restored into --work-dir when a run starts there without its state)')
     parser.add_argument('--worker', nargs=3, metavar=('KEY', 'SEED', 'EPOCHS'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.keys and args.suite:
@@ -1254,13 +1379,13 @@ def parse_args(argv=None):
         args.pretrain_epochs = args.epochs
     if args.finetune_epochs is None:
         args.finetune_epochs = args.epochs
-    for name in ('work_dir', 'records', 'docs', 'plots_dir'):
+    for name in ('work_dir', 'records', 'docs', 'plots_dir', 'park_dir'):
         setattr(args, name, osp.abspath(getattr(args, name)))
     recipe = ['--epochs', args.epochs, '--pretrain-epochs', args.pretrain_epochs, '--finetune-epochs',
               args.finetune_epochs, '--train-size', args.train_size,
               '--test-size', args.test_size, '--batch-size', args.batch_size, '--num-workers', args.num_workers,
               '--work-dir', args.work_dir, '--records', args.records, '--docs', args.docs, '--plots-dir',
-              args.plots_dir, '--device', args.device]
+              args.plots_dir, '--park-dir', args.park_dir, '--device', args.device]
     args.argv = [str(a) for a in recipe] + (['--data-root', osp.abspath(args.data_root)] if args.data_root else [])
     return args
 
@@ -1275,6 +1400,11 @@ def main(argv=None):
         os.chdir(ROOT)
         key, seed, epochs = args.worker
         run_experiment(args, Run(EXPERIMENTS[key], int(seed), int(epochs)))
+        return 0
+    if args.park:
+        changed = park_runs(args, planned_runs(args))
+        if args.commit and changed:
+            commit_paths(changed, f'results: park {len(changed)} unfinished run(s) for a later session')
         return 0
     failed = []
     if not args.report_only:
