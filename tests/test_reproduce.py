@@ -94,7 +94,7 @@ def throwaway_repo(tmp_path):
     repo.mkdir()
     for folder in ('tools', 'configs'):
         shutil.copytree(osp.join(ROOT, folder), repo / folder, ignore=shutil.ignore_patterns('__pycache__'))
-    (repo / '.gitignore').write_text('work_dirs/\n__pycache__/\n')
+    (repo / '.gitignore').write_text('work_dirs/\n__pycache__/\n*.pth\n')  # (checkpoints ignored, as in the project)
     git(repo, 'init', '-q')
     git(repo, 'config', 'user.email', 'test@example.invalid')
     git(repo, 'config', 'user.name', 'test')

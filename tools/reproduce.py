@@ -622,7 +622,9 @@ def commit_paths(paths, message):
     if not paths:
         return True
     try:
-        subprocess.run(['git', '-C', repo, 'add', '-A', '--', *paths], capture_output=True, text=True, check=True)
+        # (-f: parked checkpoints are *.pth, which a project's .gitignore may well ignore)
+        subprocess.run(['git', '-C', repo, 'add', '-A', '-f', '--', *paths], capture_output=True, text=True,
+                       check=True)
         subprocess.run(['git', '-C', repo, 'commit', '-q', '-m', message, '--', *paths], capture_output=True,
                        text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as e:
