@@ -428,11 +428,10 @@ def run_experiment(args, run):
     if args.data_root:
         train += ['--data-root', args.data_root]
     resumed_from = 0
-    last = osp.join(wd, 'last_checkpoint')
-    if osp.isfile(last):
+    newest = _newest_checkpoint(wd)
+    if newest:
         train.append('--resume')
-        with open(last) as f:
-            stem = osp.splitext(osp.basename(f.read().strip()))[0]
+        stem = osp.splitext(osp.basename(newest))[0]
         resumed_from = int(stem.split('_')[1]) if stem.startswith('epoch_') else 0
     if exp.pretrain:
         checkpoint = pretrained_checkpoint(args, exp)
