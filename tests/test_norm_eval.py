@@ -123,3 +123,28 @@ def test_fused_path_still_runs_when_bns_train():
     assert not layer._use_fused_tail()
     nn.Module.train(layer)  # both BNs back in train mode
     assert layer._use_fused_tail()
+
+
+@pytest.mark.parametrize('kind', ['mdconv', 'maconv'])
+def test_mmpretrain_frozen_stages_freeze_the_converted_layers_in_them(kind):
+    """mmpretrain's ``frozen_stages`` runs in the backbone's ``train()``, after the conversion: the new layers of
+    the frozen stages get no gradients and keep their BN statistics; the later stages train."""
+    pytest.importorskip('mmpretrain')
+    import mdplug.mmpretrain  # noqa: F401
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    model = randomize_bn(MODELS.build(dict(
+        type='mdplug.Converted', kind=kind, select='pointwise', input_shape=(3, 32, 32),
+        backbone=dict(type='MobileNetV2', widen_factor=0.35, frozen_stages=2))))
+    model.train()
+    frozen = [m for stage in (model.layer1, model.layer2) for m in stage.modules()
+              if isinstance(m, (MAConv2d, MDConv2d))]
+    later = [m for m in model.layer3.modules() if isinstance(m, (MAConv2d, MDConv2d))]
+    assert len(frozen) >= 3 and later
+    before = {id(m): _bn_state(m) for m in frozen}
+    _step(model, torch.randn(2, 3, 32, 32))
+    for m in frozen:
+        assert not m.training and all(p.grad is None and not p.requires_grad for p in m.parameters())
+        assert all(torch.equal(v, before[id(m)][k]) for k, v in _bn_state(m).items())
+    assert all(m.training and all(p.grad is not None for p in m.parameters() if p.requires_grad) for m in later)
