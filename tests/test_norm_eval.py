@@ -57,12 +57,18 @@ def test_a_bn_in_eval_mode_is_honoured_in_train_mode(cls, k, p, q, which):
         assert torch.equal(after[key], before[key]) == frozen, key
 
 
-def _mmpretrain_models():
+def _mmpretrain_registry():
+    """mmpretrain's model registry with mdplug's modules registered, in its default scope."""
     pytest.importorskip('mmpretrain')
     import mdplug.mmpretrain  # noqa: F401
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
     init_default_scope('mmpretrain')
+    return MODELS
+
+
+def _mmpretrain_models():
+    MODELS = _mmpretrain_registry()
     resnet = MODELS.build(dict(type='ResNet', depth=18, conv_cfg=dict(type='MDConv2d'), norm_eval=True))
     mobilenet = MODELS.build(dict(type='mdplug.Converted', kind='maconv', select='pointwise', input_shape=(3, 32, 32),
                                   backbone=dict(type='MobileNetV2', widen_factor=0.35, norm_eval=True)))
@@ -129,12 +135,7 @@ def test_fused_path_still_runs_when_bns_train():
 def test_mmpretrain_frozen_stages_freeze_the_converted_layers_in_them(kind):
     """mmpretrain's ``frozen_stages`` runs in the backbone's ``train()``, after the conversion: the new layers of
     the frozen stages get no gradients and keep their BN statistics; the later stages train."""
-    pytest.importorskip('mmpretrain')
-    import mdplug.mmpretrain  # noqa: F401
-    from mmengine.registry import init_default_scope
-    from mmpretrain.registry import MODELS
-    init_default_scope('mmpretrain')
-    model = randomize_bn(MODELS.build(dict(
+    model = randomize_bn(_mmpretrain_registry().build(dict(
         type='mdplug.Converted', kind=kind, select='pointwise', input_shape=(3, 32, 32),
         backbone=dict(type='MobileNetV2', widen_factor=0.35, frozen_stages=2))))
     model.train()
