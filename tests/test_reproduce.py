@@ -350,3 +350,24 @@ def test_park_carries_unfinished_runs_and_pretraining_checkpoints_to_a_fresh_wor
     (work / two / 'worker.pid').write_text(str(os.getpid()))
     with pytest.raises(SystemExit, match=r'static seed 0 \(2 epochs\) still running'):
         rp.park_runs(two_args, [two_run])
+
+
+def test_finetuning_runs_wait_while_another_process_trains_their_pretraining(tmp_path, capsys):
+    """Two campaign processes on one worktree: while one trains the pretraining run (its ``worker.pid`` lives), the
+    other's fine-tuning suite does not start the fine-tuning runs (each would fail on the missing checkpoint): it
+    says they wait, fails nothing and writes no record."""
+    rp = load_reproduce()
+    args = rp.parse_args(['--suite', 'finetune', '--seeds', '0', '1', '--pretrain-epochs', '1', '--finetune-epochs',
+                          '1', '--train-size', '128', '--test-size', '128', '--work-dir', str(tmp_path / 'work'),
+                          '--records', str(tmp_path / 'records')])
+    runs = rp.planned_runs(args)
+    pre, = {rp.pretrain_run(args, r.exp) for r in runs}
+    os.makedirs(rp.run_dir(args, pre))
+    Path(rp.run_dir(args, pre), 'worker.pid').write_text(str(os.getpid()))  # "another process": this one, alive
+    assert rp.run_suite(args, runs) == []
+    out = capsys.readouterr().out
+    assert 'pretraining: static seed 0 (1 epoch) is not recorded yet' in out
+    assert '0/1 runs already recorded, 1 running in another process' in out
+    for run in runs:
+        assert f'wait   {run}: its pretraining {pre} is still running in another process' in out
+    assert len(runs) == 6 and '  start ' not in out and not (tmp_path / 'records').exists()

@@ -692,6 +692,14 @@ def run_suite(args, runs):
         failed = run_runs(args, [pre for pre, _ in plan], {pre for pre, action in plan if action == 'retrain'})
         if failed:
             return failed
+        # a pretraining run that another process is still training: its fine-tuning runs wait for a later call
+        # (they would otherwise each fail on the missing checkpoint)
+        waiting = {pre for pre, _ in plan if not is_recorded(args, pre)}
+        for run in runs:
+            if run.exp.pretrain and pretrain_run(args, run.exp) in waiting and not is_recorded(args, run):
+                print(f'  wait   {run}: its pretraining {pretrain_run(args, run.exp)} is still running in another '
+                      'process; run this suite again when it is recorded', flush=True)
+        runs = [r for r in runs if not (r.exp.pretrain and pretrain_run(args, r.exp) in waiting)]
     return run_runs(args, runs)
 
 
