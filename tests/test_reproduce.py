@@ -371,3 +371,28 @@ def test_finetuning_runs_wait_while_another_process_trains_their_pretraining(tmp
     for run in runs:
         assert f'wait   {run}: its pretraining {pre} is still running in another process' in out
     assert len(runs) == 6 and '  start ' not in out and not (tmp_path / 'records').exists()
+
+
+def test_park_keeps_an_unfinished_pretraining_run(tmp_path):
+    """A fine-tuning suite stopped while its pretraining run trains (hours for MobileNetV2 on a CPU): ``--park``
+    keeps that run's newest checkpoint and curve like any unfinished run's, and a fresh work dir gets it back."""
+    rp = load_reproduce()
+    args = rp.parse_args(['--suite', 'finetune', '--seeds', '0', '--pretrain-epochs', '4', '--finetune-epochs', '1',
+                          '--train-size', '128', '--test-size', '128', '--work-dir', str(tmp_path / 'work'),
+                          '--records', str(tmp_path / 'records'), '--park-dir', str(tmp_path / 'parked')])
+    runs = rp.planned_runs(args)
+    pre, = {rp.pretrain_run(args, r.exp) for r in runs}
+    wd = Path(rp.run_dir(args, pre))
+    (wd / '20261203_120000' / 'vis_data').mkdir(parents=True)
+    (wd / '20261203_120000' / 'vis_data' / 'scalars.json').write_text('{"accuracy/top1": 80.0, "step": 1}\n')
+    for epoch in (1, 2):
+        (wd / f'epoch_{epoch}.pth').write_bytes(b'checkpoint %d' % epoch)
+    (wd / 'last_checkpoint').write_text(str(wd / 'epoch_2.pth'))
+    assert rp.park_runs(args, runs) == [rp.park_path(args, pre)]
+    info = json.loads(Path(rp.park_path(args, pre), 'parked.json').read_text())
+    assert info['finished'] is False and info['checkpoint'] == 'epoch_2.pth' and info['scalars'] == ['20261203_120000']
+    shutil.rmtree(tmp_path / 'work')  # a fresh machine
+    assert rp.unpark(args, pre) and (wd / 'epoch_2.pth').read_bytes() == b'checkpoint 2'
+    (wd / 'worker.pid').write_text(str(os.getpid()))  # still training: refused by name
+    with pytest.raises(SystemExit, match=r'static seed 0 \(4 epochs\) still running'):
+        rp.park_runs(args, runs)

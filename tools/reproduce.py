@@ -534,11 +534,14 @@ def _newest_checkpoint(work_dir):
 
 
 def park_runs(args, runs):
-    """Park every unfinished run of ``runs`` that has a checkpoint, and the last checkpoint of each recorded
-    pretraining run that a pending fine-tuning run of ``runs`` needs; drop parked state nothing needs any more.
+    """Park every unfinished run of ``runs`` that has a checkpoint (a pretraining run that pending fine-tuning runs
+    of ``runs`` need included), and the last checkpoint of each recorded such pretraining run; drop parked state nothing needs any more.
     Returns the parked folders (written or removed). A run whose worker still lives is refused by name."""
     records = load_records(args.records)
-    pending = [r for r in runs if not is_recorded(args, r, records)]
+    plan = pretraining_plan(args, runs, records)
+    # (a pretraining run still training is an unfinished run like the others: its progress is parked too)
+    pending = [r for r in runs if not is_recorded(args, r, records)] + [pre for pre, action in plan
+                                                                         if action == 'train']
     live = [r for r in pending if running_elsewhere(args, r)]
     if live:
         raise SystemExit(f'--park: {", ".join(map(str, live))} still running (worker.pid alive): stop the '
@@ -548,7 +551,7 @@ def park_runs(args, runs):
         checkpoint = _newest_checkpoint(run_dir(args, run))
         if checkpoint:
             keep[run_name(args, run)] = (run, checkpoint, False)
-    for pre, _ in pretraining_plan(args, runs, records):
+    for pre, _ in plan:
         if is_recorded(args, pre, records) and osp.isfile(last_checkpoint(args, pre)):
             keep[run_name(args, pre)] = (pre, last_checkpoint(args, pre), True)
     # parked state of this plan's runs that nothing needs any more (finished, or a pretraining run nothing pending
