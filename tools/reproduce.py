@@ -535,8 +535,9 @@ def _newest_checkpoint(work_dir):
 
 def park_runs(args, runs):
     """Park every unfinished run of ``runs`` that has a checkpoint (a pretraining run that pending fine-tuning runs
-    of ``runs`` need included), and the last checkpoint of each recorded such pretraining run; drop parked state nothing needs any more.
-    Returns the parked folders (written or removed). A run whose worker still lives is refused by name."""
+    of ``runs`` need included), and the last checkpoint of each recorded such pretraining run; drop parked state
+    nothing needs any more. Returns the parked folders (written or removed). A run whose worker still lives is
+    refused by name."""
     records = load_records(args.records)
     plan = pretraining_plan(args, runs, records)
     # (a pretraining run still training is an unfinished run like the others: its progress is parked too)
@@ -551,8 +552,8 @@ def park_runs(args, runs):
         checkpoint = _newest_checkpoint(run_dir(args, run))
         if checkpoint:
             keep[run_name(args, run)] = (run, checkpoint, False)
-    for pre, _ in plan:
-        if is_recorded(args, pre, records) and osp.isfile(last_checkpoint(args, pre)):
+    for pre, action in plan:
+        if action == 'reuse':  # (recorded, and its last checkpoint is here)
             keep[run_name(args, pre)] = (pre, last_checkpoint(args, pre), True)
     # parked state of this plan's runs that nothing needs any more (finished, or a pretraining run nothing pending
     # fine-tunes); what other suites parked stays
@@ -698,11 +699,12 @@ def run_suite(args, runs):
         # a pretraining run that another process is still training: its fine-tuning runs wait for a later call
         # (they would otherwise each fail on the missing checkpoint)
         waiting = {pre for pre, _ in plan if not is_recorded(args, pre)}
-        for run in runs:
-            if run.exp.pretrain and pretrain_run(args, run.exp) in waiting and not is_recorded(args, run):
+        held = [r for r in runs if r.exp.pretrain and pretrain_run(args, r.exp) in waiting]
+        for run in held:
+            if not is_recorded(args, run, records):
                 print(f'  wait   {run}: its pretraining {pretrain_run(args, run.exp)} is still running in another '
                       'process; run this suite again when it is recorded', flush=True)
-        runs = [r for r in runs if not (r.exp.pretrain and pretrain_run(args, r.exp) in waiting)]
+        runs = [r for r in runs if r not in held]
     return run_runs(args, runs)
 
 
