@@ -1184,28 +1184,44 @@ def save(plt, fig, path):
 
 
 def plot_finetune(args, recs, results, path):
-    """The pretraining curve, then each fine-tuning curve after it (mean over seeds)."""
+    """Per network, the pretraining curve and each fine-tuning curve after it (mean over seeds); below it the
+    same on a zoomed scale: the pretraining's last epochs and the fine-tuning epochs, each row's mean with its
+    min–max band over seeds, the y range fitted to the pretraining's tail and the last two fine-tuning epochs
+    (where the differences the table reports are; the first epochs' dip runs off it)."""
     plt = _pyplot()
     rows = [(stem, prefix) for stem, prefix in FINETUNE_ROWS
             if any(results.get(f'{prefix}ft_{kind}') for kind in ('static', 'maconv', 'mdconv'))]
-    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows) + 0.5, 4), squeeze=False)
-    for ax, (stem, prefix) in zip(axes[0], rows):
+    fig, axes = plt.subplots(2, len(rows), figsize=(5.5 * len(rows) + 0.5, 7.5), squeeze=False)
+    for col, (stem, prefix) in enumerate(rows):
+        whole, zoom = axes[0][col], axes[1][col]
         pre = recs.one(f'{prefix}static', PRETRAIN_SEED, args.pretrain_epochs)
-        start = 0
+        start, seen = 0, []
         if pre:
-            curve = pre['curve']
-            ax.plot([i + 1 for i, c in enumerate(curve) if c is not None], [c for c in curve if c is not None],
-                    color='grey', label='static, pretraining')
-            start = len(curve)
+            points = [(i + 1, c) for i, c in enumerate(pre['curve']) if c is not None]
+            start = len(pre['curve'])
+            whole.plot(*zip(*points), color='grey', label='static, pretraining')
+            tail = [(e, c) for e, c in points if e > start - 5]
+            if tail:
+                zoom.plot(*zip(*tail), color='grey', marker='.', label='static, pretraining (last epochs)')
+                seen += [c for _, c in tail]
         for kind in ('static', 'maconv', 'mdconv'):
             key = f'{prefix}ft_{kind}'
             curves = [r['curve'] for r in results.get(key, []) if r.get('curve')]
             if not curves:
                 continue
             epochs, per_epoch = mean_curve(curves)
-            ax.plot([start + e for e in epochs], [statistics.mean(v) for v in per_epoch], marker='o',
-                    label=f'{EXPERIMENTS[key].label} (n={len(curves)})')
-        epoch_axes(ax, f'{stem}, Fashion-MNIST', legend_size=8)
+            x = [start + e for e in epochs]
+            label = f'{EXPERIMENTS[key].label} (n={len(curves)})'
+            line, = whole.plot(x, [statistics.mean(v) for v in per_epoch], marker='o', label=label)
+            zoom.plot(x, [statistics.mean(v) for v in per_epoch], marker='o', color=line.get_color(), label=label)
+            zoom.fill_between(x, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=line.get_color(),
+                              alpha=0.15, linewidth=0)
+            seen += [c for v in per_epoch[-2:] for c in v]
+        if seen:
+            margin = max(0.1, 0.15 * (max(seen) - min(seen)))
+            zoom.set_ylim(min(seen) - margin, max(seen) + margin)
+        epoch_axes(whole, f'{stem}, Fashion-MNIST', legend_size=8)
+        epoch_axes(zoom, f'{stem}: fine-tuning, zoomed (min–max band)', fontsize=10, legend_size=7)
     save(plt, fig, path)
 
 
