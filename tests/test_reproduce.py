@@ -392,6 +392,8 @@ def test_park_keeps_an_unfinished_pretraining_run(tmp_path):
     info = json.loads(Path(rp.park_path(args, pre), 'parked.json').read_text())
     assert info['finished'] is False and info['checkpoint'] == 'epoch_2.pth' and info['scalars'] == ['20261203_120000']
     shutil.rmtree(tmp_path / 'work')  # a fresh machine
+    # parking again there before the run resumed keeps the parked state (its only progress), unchanged
+    assert rp.park_runs(args, runs) == [] and Path(rp.park_path(args, pre), 'epoch_2.pth').is_file()
     assert rp.unpark(args, pre) and (wd / 'epoch_2.pth').read_bytes() == b'checkpoint 2'
     (wd / 'worker.pid').write_text(str(os.getpid()))  # still training: refused by name
     with pytest.raises(SystemExit, match=r'static seed 0 \(4 epochs\) still running'):

@@ -556,10 +556,11 @@ def park_runs(args, runs):
         if action == 'reuse':  # (recorded, and its last checkpoint is here)
             keep[run_name(args, pre)] = (pre, last_checkpoint(args, pre), True)
     # parked state of this plan's runs that nothing needs any more (finished, or a pretraining run nothing pending
-    # fine-tunes); what other suites parked stays
+    # fine-tunes); what other suites parked stays, and so does that of a pending run with no checkpoint here (a
+    # fresh machine that has not resumed it yet: its parked state is still its only progress)
     scope = {run_name(args, r) for r in runs} | {run_name(args, pretrain_run(args, r.exp)) for r in runs
                                                   if r.exp.pretrain}
-    for name in sorted(scope - set(keep)):
+    for name in sorted(scope - set(keep) - {run_name(args, r) for r in pending}):
         if osp.isdir(osp.join(args.park_dir, name)):
             shutil.rmtree(osp.join(args.park_dir, name))
             changed.append(osp.join(args.park_dir, name))
