@@ -1144,10 +1144,9 @@ def finetune_md(args, recs):
                 f'--finetune-epochs {args.finetune_epochs}{size_options(args)}` (and `--suite finetune_mbv2`).',
                 used, results)
     lines.append(f'Command: `python tools/reproduce.py --suite finetune --pretrain-epochs {args.pretrain_epochs} '
-                 f'--finetune-epochs {args.finetune_epochs}{size_options(args)}`; the pretraining run is the static '
-                 f'row\'s seed-'
-                 f'{PRETRAIN_SEED} run of {args.pretrain_epochs} epochs; the MAConv compact checkpoint is evaluated as '
-                 'the static model.')
+                 f'--finetune-epochs {args.finetune_epochs}{size_options(args)}` (SmallNet; `--suite finetune_mbv2` '
+                 f'for MobileNetV2); the pretraining run is the network\'s static seed-{PRETRAIN_SEED} run of '
+                 f'{args.pretrain_epochs} epochs; the MAConv compact checkpoint is evaluated as the static model.')
     return '\n'.join(lines), used, results
 
 
