@@ -54,6 +54,8 @@ FM = 'configs/fashion_mnist'
 AB = 'configs/fashion_mnist/ablation'
 FT = 'configs/fashion_mnist/finetune'
 PRETRAIN_SEED = PILOT_SEED = 0
+#: the last epochs of a curve the reports list (pilot, pretraining) and the fine-tuning plot zooms on
+LAST_EPOCHS = 5
 FULL_TRAIN, FULL_TEST = 60000, 10000  # Fashion-MNIST
 #: version of what :func:`cfg_options` makes of a config: part of every record's identity (bump it when a change
 #: there changes what a run trains, so that older records are not taken for the new recipe)
@@ -1099,7 +1101,7 @@ def pilot_md(args, recs):
     for r in pilots:
         curve = [(i + 1, c) for i, c in enumerate(r['curve']) if c is not None]
         best = max(curve, key=lambda ec: ec[1]) if curve else None
-        tail = ', '.join(f'{c:.2f}' for _, c in curve[-5:])
+        tail = ', '.join(f'{c:.2f}' for _, c in curve[-LAST_EPOCHS:])
         lines.append(f'| {r["epochs"]} | {r["accuracy"]:.2f} | ' + (f'{best[0]} ({best[1]:.2f})' if best else '–')
                      + f' | {tail} | {(r.get("seconds") or 0) / 60:.1f} |')
     lines += ['', f'Static SmallNet ×1, seed {PILOT_SEED}, one run per epoch count (cosine schedule over each); '
@@ -1122,7 +1124,7 @@ def finetune_md(args, recs):
         if pre:
             used.append(pre)
             curve = [c for c in pre['curve'] if c is not None]
-            tail = ', '.join(f'{c:.2f}' for c in curve[-5:])
+            tail = ', '.join(f'{c:.2f}' for c in curve[-LAST_EPOCHS:])
             lines.append(f'**{stem}**: static model trained for {epochs_text(pre["epochs"])} (seed {pre["seed"]}), '
                          f'test accuracy {pre["accuracy"]:.2f} %; its last epochs: {tail} %.')
         else:
@@ -1167,6 +1169,15 @@ def mean_curve(curves):
     return epochs, per_epoch
 
 
+def plot_band(ax, x, per_epoch, label, alpha=0.2, **line_kw):
+    """The mean over seeds of each epoch's values ``per_epoch`` (from :func:`mean_curve`) at positions ``x``,
+    with the min–max band in the line's colour; returns the line."""
+    line, = ax.plot(x, [statistics.mean(v) for v in per_epoch], label=label, **line_kw)
+    ax.fill_between(x, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=line.get_color(),
+                    alpha=alpha)
+    return line
+
+
 def epoch_axes(ax, title, fontsize=None, legend_size=None):
     """Labels, title, grid and (when anything is drawn) the legend of a test-accuracy-per-epoch plot."""
     ax.set_xlabel('epoch')
@@ -1200,7 +1211,7 @@ def plot_finetune(args, recs, results, path):
             points = [(i + 1, c) for i, c in enumerate(pre['curve']) if c is not None]
             start = len(pre['curve'])
             whole.plot(*zip(*points), color='grey', label='static, pretraining')
-            tail = [(e, c) for e, c in points if e > start - 5]
+            tail = [(e, c) for e, c in points if e > start - LAST_EPOCHS]
             if tail:
                 zoom.plot(*zip(*tail), color='grey', marker='.', label='static, pretraining (last epochs)')
                 seen += [c for _, c in tail]
@@ -1212,10 +1223,8 @@ def plot_finetune(args, recs, results, path):
             epochs, per_epoch = mean_curve(curves)
             x = [start + e for e in epochs]
             label = f'{EXPERIMENTS[key].label} (n={len(curves)})'
-            line, = whole.plot(x, [statistics.mean(v) for v in per_epoch], marker='o', label=label)
-            zoom.plot(x, [statistics.mean(v) for v in per_epoch], marker='o', color=line.get_color(), label=label)
-            zoom.fill_between(x, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=line.get_color(),
-                              alpha=0.15, linewidth=0)
+            line = plot_band(zoom, x, per_epoch, label, alpha=0.15, marker='o')
+            whole.plot(x, [statistics.mean(v) for v in per_epoch], marker='o', color=line.get_color(), label=label)
             seen += [c for v in per_epoch[-2:] for c in v]
         if seen:
             margin = max(0.1, 0.15 * (max(seen) - min(seen)))
@@ -1238,9 +1247,8 @@ def plot_curves(args, results, path):
             if not curves:
                 continue
             epochs, per_epoch = mean_curve(curves)
-            ax.plot(epochs, [statistics.mean(v) for v in per_epoch], marker='o' if len(epochs) < 25 else None,
-                    label=f'{EXPERIMENTS[key.removeprefix("mbv2_")].label} (n={len(curves)})')
-            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], alpha=0.2)
+            plot_band(ax, epochs, per_epoch, f'{EXPERIMENTS[key.removeprefix("mbv2_")].label} (n={len(curves)})',
+                      marker='o' if len(epochs) < 25 else None)
         ax.xaxis.get_major_locator().set_params(integer=True)
         epoch_axes(ax, f'{net} on Fashion-MNIST, {args.epochs} epochs (mean, min–max over seeds)', fontsize=9)
     save(plt, fig, path)
